@@ -1,0 +1,1 @@
+"""Configuration, models, data, metrics and privacy code shared by server and client."""

@@ -1,0 +1,88 @@
+"""Adapter tensors on the wire and on disk: only trainable LoRA tensors travel."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from peft import PeftModel
+
+Arrays = dict[str, np.ndarray]
+
+
+def get_adapter_arrays(model: torch.nn.Module) -> Arrays:
+    """Copy the trainable tensors (the LoRA matrices) to float32 NumPy arrays."""
+    return {
+        name: parameter.detach().cpu().float().numpy().copy()
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
+
+
+def set_adapter_arrays(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load adapter tensors into the model's trainable parameters (names and shapes must match)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(arrays))
+    unexpected = sorted(set(arrays) - set(params))
+    if missing or unexpected:
+        raise KeyError(
+            f"adapter tensors do not match the model: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]} ({len(missing)} missing, {len(unexpected)} unexpected); "
+            "check that client and server use the same model.name and model.lora-r"
+        )
+    with torch.no_grad():
+        for name, parameter in params.items():
+            value = np.asarray(arrays[name])
+            if tuple(value.shape) != tuple(parameter.shape):
+                raise ValueError(
+                    f"adapter tensor {name} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(parameter.shape)}: check model.lora-r on both sides"
+                )
+            parameter.copy_(torch.from_numpy(value.astype(np.float32)))
+
+
+def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Pack adapter tensors into a Flower ArrayRecord, keeping their names."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+
+
+def record_to_arrays(record: ArrayRecord) -> Arrays:
+    """Unpack a Flower ArrayRecord into named NumPy arrays."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the tensor data (the part of a message that grows with the adapter)."""
+    return int(sum(np.asarray(value).nbytes for value in arrays.values()))
+
+
+def save_adapter(model: PeftModel, arrays: Mapping[str, np.ndarray], out_dir: str | Path) -> Path:
+    """Save the adapter in PEFT format, replacing ``out_dir`` atomically.
+
+    The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` and loads with
+    ``PeftModel.from_pretrained``. It is written to a temporary sibling first and renamed,
+    so a crash never leaves a half-written adapter under ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    set_adapter_arrays(model, arrays)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(str(tmp_dir))
+        old_dir = None
+        if out_dir.exists():
+            old_dir = out_dir.with_name(f".{out_dir.name}-old")
+            shutil.rmtree(old_dir, ignore_errors=True)
+            os.replace(out_dir, old_dir)
+        os.replace(tmp_dir, out_dir)
+        if old_dir is not None:
+            shutil.rmtree(old_dir, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,344 @@
+"""Run configuration: TOML with kebab-case keys, parsed once into frozen dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ACCOUNTANTS = ("prv", "rdp")
+PARTITIONERS = ("column", "iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """Invalid run configuration; the message names the key, the value and the fix."""
+
+
+def _require(condition: bool, key: str, value: object, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"invalid {key} = {value!r}: expected {expected}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base model and LoRA adapter settings.
+
+    ``name`` is an alias (``minilm-l6``), a local folder or a Hugging Face hub id.
+    The adapter update is ``scaling * B @ A`` with ``scaling = lora_alpha / lora_r``.
+    """
+
+    name: str = "minilm-l6"
+    lora_r: int = 4
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    max_length: int = 192
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.name", self.name, "a model alias, folder or hub id")
+        _require(self.lora_r >= 1, "model.lora-r", self.lora_r, "an integer >= 1")
+        _require(self.lora_alpha > 0, "model.lora-alpha", self.lora_alpha, "a number > 0")
+        _require(
+            0.0 <= self.lora_dropout < 1.0, "model.lora-dropout", self.lora_dropout, "0 <= p < 1"
+        )
+        _require(self.max_length >= 8, "model.max-length", self.max_length, "an integer >= 8")
+        _require(
+            self.max_new_tokens >= 1, "model.max-new-tokens", self.max_new_tokens, "an integer >= 1"
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the records come from and how they are split among advertisers.
+
+    ``dataset = "e2e"`` reads ``train-file`` from the E2E folder under ``data-dir``
+    (downloading ``devset.csv`` when it is missing); ``dataset = "records"`` reads a JSONL
+    or CSV file with the named source and text columns.
+    """
+
+    data_dir: str = "data"
+    dataset: str = "e2e"
+    train_file: str = "devset.csv"
+    source_column: str = "source"
+    text_column: str = "text"
+    max_chars: int = 2000
+    partitioner: str = "column"
+    partition_column: str = "name"
+    num_clients: int = 20
+    dirichlet_alpha: float = 0.5
+    test_fraction: float = 0.1
+    max_examples_per_client: int = 0
+    eval_sample: int = 24
+
+    def __post_init__(self) -> None:
+        _require(self.dataset in ("e2e", "records"), "data.dataset", self.dataset, "e2e or records")
+        _require(
+            self.partitioner in PARTITIONERS,
+            "data.partitioner",
+            self.partitioner,
+            " or ".join(PARTITIONERS),
+        )
+        _require(self.num_clients >= 1, "data.num-clients", self.num_clients, "an integer >= 1")
+        _require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "> 0")
+        _require(
+            0.0 < self.test_fraction < 1.0, "data.test-fraction", self.test_fraction, "0 < f < 1"
+        )
+        _require(
+            self.max_examples_per_client >= 0,
+            "data.max-examples-per-client",
+            self.max_examples_per_client,
+            "an integer >= 0 (0 means no limit)",
+        )
+        _require(self.eval_sample >= 1, "data.eval-sample", self.eval_sample, "an integer >= 1")
+        _require(self.max_chars >= 1, "data.max-chars", self.max_chars, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each client (one optimizer per round, AdamW)."""
+
+    local_epochs: float = 0.5
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.local_epochs > 0, "train.local-epochs", self.local_epochs, "a number > 0")
+        _require(self.batch_size >= 1, "train.batch-size", self.batch_size, "an integer >= 1")
+        _require(
+            self.learning_rate > 0, "train.learning-rate", self.learning_rate, "a number > 0"
+        )
+        _require(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, ">= 0")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Record-level DP-SGD at each advertiser (Opacus).
+
+    ``target_epsilon`` and ``target_delta`` are each client's budget for the whole run,
+    composed over every round it takes part in. ``clipping_norm`` bounds each record's
+    gradient (L2). ``secure_mode`` draws noise from a cryptographically secure generator
+    and is forced on when ``production`` is true.
+    """
+
+    dp: bool = True
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    clipping_norm: float = 1.0
+    accountant: str = "prv"
+    secure_mode: bool = False
+    production: bool = False
+    ledger_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.target_epsilon > 0 and math.isfinite(self.target_epsilon),
+            "privacy.target-epsilon",
+            self.target_epsilon,
+            "a finite number > 0",
+        )
+        _require(
+            0 < self.target_delta < 1, "privacy.target-delta", self.target_delta, "0 < delta < 1"
+        )
+        _require(self.clipping_norm > 0, "privacy.clipping-norm", self.clipping_norm, "> 0")
+        _require(
+            self.accountant in ACCOUNTANTS,
+            "privacy.accountant",
+            self.accountant,
+            " or ".join(ACCOUNTANTS),
+        )
+        if self.production and not self.secure_mode:
+            object.__setattr__(self, "secure_mode", True)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Rounds, client sampling and server-side evaluation."""
+
+    num_rounds: int = 4
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 3600.0
+    eval_every: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.num_rounds >= 1, "server.num-rounds", self.num_rounds, "an integer >= 1")
+        _require(
+            0.0 < self.fraction_train <= 1.0,
+            "server.fraction-train",
+            self.fraction_train,
+            "0 < f <= 1",
+        )
+        _require(
+            0.0 <= self.fraction_evaluate <= 1.0,
+            "server.fraction-evaluate",
+            self.fraction_evaluate,
+            "0 <= f <= 1",
+        )
+        _require(
+            self.min_train_nodes >= 1, "server.min-train-nodes", self.min_train_nodes, ">= 1"
+        )
+        _require(
+            self.min_available_nodes >= 1,
+            "server.min-available-nodes",
+            self.min_available_nodes,
+            ">= 1",
+        )
+        _require(self.round_timeout > 0, "server.round-timeout", self.round_timeout, "> 0")
+        _require(self.eval_every >= 0, "server.eval-every", self.eval_every, ">= 0 (0: never)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; sections map to TOML tables with kebab-case keys."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    seed: int = 0
+    output: str = ""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build a config from nested tables or flat ``section.key`` entries (kebab-case)."""
+        nested = _nest(values)
+        kwargs: dict[str, Any] = {}
+        for name, section_cls in _SECTIONS.items():
+            if name in nested:
+                kwargs[name] = _build_section(section_cls, name, nested.pop(name))
+        if "seed" in nested:
+            kwargs["seed"] = _coerce("seed", nested.pop("seed"), 0)
+        if "output" in nested:
+            kwargs["output"] = _coerce("output", nested.pop("output"), "")
+        if nested:
+            raise ConfigError(
+                f"unknown config keys {sorted(nested)}: expected the tables "
+                "model, data, train, privacy, server and the keys seed, output"
+            )
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RunConfig:
+        """Read a TOML run config; unknown keys are errors, missing keys keep defaults."""
+        path = Path(path)
+        try:
+            with path.open("rb") as handle:
+                values = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"invalid TOML in {path}: {err}") from None
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested tables with kebab-case keys, as written to ``config.toml``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                out[f.name.replace("_", "-")] = {
+                    g.name.replace("_", "-"): getattr(value, g.name)
+                    for g in dataclasses.fields(value)
+                }
+            else:
+                out[f.name.replace("_", "-")] = value
+        return out
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat ``section.key`` entries, the form of Flower's ``run_config``."""
+        flat: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                flat.update({f"{key}.{sub}": item for sub, item in value.items()})
+            else:
+                flat[key] = value
+        return flat
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, **sections: Mapping[str, Any]) -> RunConfig:
+        """Copy with some fields of some sections changed, e.g. ``replace(server={"num_rounds": 2})``."""
+        changes: dict[str, Any] = {}
+        for name, updates in sections.items():
+            current = getattr(self, name)
+            if dataclasses.is_dataclass(current):
+                changes[name] = dataclasses.replace(current, **updates)  # type: ignore[type-var]
+            else:
+                changes[name] = updates
+        return dataclasses.replace(self, **changes)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "privacy": PrivacyConfig,
+    "server": ServerConfig,
+}
+
+
+def _nest(values: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        if "." in key:
+            section, sub = key.split(".", 1)
+            nested.setdefault(section, {})[sub] = value
+        elif isinstance(value, Mapping):
+            nested.setdefault(key, {}).update(value)
+        else:
+            nested[key] = value
+    return nested
+
+
+def _build_section(section_cls: type, section: str, values: Any) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"invalid [{section}]: expected a table, got {values!r}")
+    known = {f.name.replace("_", "-"): f for f in dataclasses.fields(section_cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown key {section}.{key}: expected one of {', '.join(sorted(known))}"
+            )
+        default = getattr(section_cls(), known[key].name)
+        kwargs[known[key].name] = _coerce(f"{section}.{key}", value, default)
+    return section_cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Coerce TOML/CLI values to the default's type (ints are accepted for floats)."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"invalid {key} = {value!r}: expected true or false")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"invalid {key} = {value!r}: expected an integer")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"invalid {key} = {value!r}: expected a number")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"invalid {key} = {value!r}: expected a string")
+    return value

@@ -1,0 +1,1 @@
+"""Flower ServerApp: aggregation of adapter updates, checkpoints and server-side evaluation."""

@@ -1,0 +1,1 @@
+"""Simulation runner, data partitioners, reports and benchmark scripts."""

@@ -1,0 +1,511 @@
+"""Markdown report and plots of a finished simulation run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeGuard
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+__all__ = ["load_metrics", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+PRIVACY_FILE = "privacy.json"
+EVAL_FILE = "eval.json"
+CONFIG_FILE = "config.toml"
+REPORT_FILE = "report.md"
+
+# Keys of one metrics.jsonl line besides "round". A missing key reads as null.
+_FLOAT_KEYS = ("train_loss", "eval_loss", "bleu", "rouge_l", "max_epsilon", "round_time_s")
+_COUNT_KEYS = ("num_sampled", "num_replies", "num_declined", "bytes_up", "bytes_down")
+
+# Opacus' PRV accountant loses accuracy above about this ε because of its discretisation
+# (Opacus issue #604, github.com/meta-pytorch/opacus).
+_PRV_ACCURATE_MAX_EPSILON = 10.0
+
+_UNIT_MEANINGS = {
+    "record": (
+        "Record-level DP at each advertiser. The (ε, δ) guarantee covers any one record of "
+        "that advertiser, composed over every round the advertiser trained in."
+    ),
+    "advertiser": (
+        "Advertiser-level DP, as in DP-FedAvg. The server clips each advertiser's whole "
+        "update and adds noise to the aggregate, so the guarantee covers an advertiser's "
+        "entire data."
+    ),
+}
+
+_NOT_PROTECTED = (
+    ("The set of clients that take part in each round, and the number of training examples "
+     "each one reports, are visible to the server. So are the rounds a client declines."),
+    ("The aggregate adapter of every round is visible to all participants, since each "
+     "sampled client receives it."),
+    ("Per-client training metrics sent with each reply (loss, ε spent) are visible to the "
+     "server."),
+    ("Unless the run used secure aggregation, the server sees each client's individual "
+     "adapter update. With record-level DP that update is noised, but it is not hidden."),
+)
+
+
+# ---------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_metrics_row(row: Any, where: str) -> dict[str, Any]:
+    """Return ``row`` with every schema key present, or raise naming ``where``."""
+    if not isinstance(row, dict):
+        raise TypeError(f"{where}: expected a JSON object, got {type(row).__name__}")
+
+    round_number = row.get("round")
+    if not _is_integer(round_number):
+        raise TypeError(f"{where}: 'round' is {round_number!r}, expected an integer")
+    if round_number < 1:
+        raise ValueError(f"{where}: 'round' is {round_number}, expected >= 1 (rounds are 1-based)")
+
+    for key in _FLOAT_KEYS:
+        value = row.get(key)
+        if value is not None and not _is_number(value):
+            raise TypeError(f"{where}: {key!r} is {value!r}, expected a number or null")
+    for key in _COUNT_KEYS:
+        value = row.get(key)
+        if value is None:
+            continue
+        if not _is_integer(value):
+            raise TypeError(f"{where}: {key!r} is {value!r}, expected an integer or null")
+        if value < 0:
+            raise ValueError(f"{where}: {key!r} is {value}, expected >= 0")
+
+    return dict.fromkeys(_FLOAT_KEYS + _COUNT_KEYS) | row
+
+
+def load_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
+    """Read and validate the per-round metrics of a run folder.
+
+    Each non-blank line of ``metrics.jsonl`` must be a JSON object with an integer
+    ``round`` >= 1. Numeric keys must be numbers or null, and missing schema keys are
+    filled with None. When a round appears twice (a resumed run repeats the rounds after
+    its last checkpoint), the later line wins and a warning is logged.
+
+    Returns
+    -------
+    list of dict
+        One dict per round, sorted by round. Empty when the file has no rounds.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``metrics.jsonl`` does not exist.
+    ValueError
+        On a line that is not valid JSON or has a value out of range, naming the file and
+        the 1-based line number.
+    TypeError
+        On a line whose JSON value has the wrong type, naming the file and line number.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: pass a run folder written by `fedads simulate`"
+        )
+
+    rows: dict[int, dict[str, Any]] = {}
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_number}"
+            try:
+                parsed = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{where}: invalid JSON ({exc.msg} at column {exc.colno}). Each line must "
+                    "be one JSON object."
+                ) from exc
+            row = _validate_metrics_row(parsed, where)
+            if row["round"] in rows:
+                logger.warning(
+                    "load_metrics: round %s appears again at %s, keeping the later line",
+                    row["round"], where,
+                )
+            rows[row["round"]] = row
+    return [rows[round_number] for round_number in sorted(rows)]
+
+
+def _load_json_object(path: Path) -> dict[str, Any]:
+    try:
+        parsed = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{path}: invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+        ) from exc
+    if not isinstance(parsed, dict):
+        raise TypeError(f"{path}: expected a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+def _load_privacy(run_dir: Path) -> dict[str, Any]:
+    """Read ``privacy.json`` and check the keys the report cannot do without."""
+    path = run_dir / PRIVACY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found, but every run folder needs its privacy report. Rerun the "
+            "simulation or restore the file."
+        )
+    privacy = _load_json_object(path)
+    if not isinstance(privacy.get("dp_enabled"), bool):
+        raise TypeError(
+            f"{path}: 'dp_enabled' is {privacy.get('dp_enabled')!r}, expected true or false"
+        )
+    if not isinstance(privacy.get("unit"), str):
+        raise TypeError(
+            f"{path}: 'unit' is {privacy.get('unit')!r}, expected a string such as 'record'"
+        )
+    clients = privacy.get("clients", {})
+    if not isinstance(clients, dict) or not all(isinstance(c, dict) for c in clients.values()):
+        raise TypeError(f"{path}: 'clients' must map each client id to a JSON object")
+    privacy["clients"] = clients
+    return privacy
+
+
+# ---------------------------------------------------------------------------
+# Formatting helpers
+# ---------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    """Format a number, or "n/a" for a missing value."""
+    if value is None:
+        return "n/a"
+    if _is_number(value):
+        return format(value, spec)
+    return str(value)
+
+
+def _fmt_bytes(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(num_bytes) < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def _fmt_rounds(rounds: Any) -> str:
+    """Format a list of rounds compactly: [1, 2, 3, 5] as "1-3, 5"."""
+    if not rounds:
+        return "none"
+    numbers = sorted({int(r) for r in rounds})
+    runs: list[list[int]] = [[numbers[0], numbers[0]]]
+    for number in numbers[1:]:
+        if number == runs[-1][1] + 1:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
+
+
+def _cell(text: str) -> str:
+    """Escape a value for a Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _last_value(rows: Sequence[dict[str, Any]], key: str) -> tuple[Any, int | None]:
+    """Return the last non-null value of ``key`` and its round."""
+    for row in reversed(rows):
+        if row.get(key) is not None:
+            return row[key], row["round"]
+    return None, None
+
+
+# ---------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------
+
+
+def _plot_rounds(
+    path: Path,
+    *,
+    title: str,
+    ylabel: str,
+    rows: Sequence[dict[str, Any]],
+    series: Sequence[tuple[str, str]],
+    hline: tuple[str, float] | None = None,
+    y_from_zero: bool = False,
+) -> bool:
+    """Plot ``(label, key)`` series per round into ``path`` and return whether it was written.
+
+    Rounds where a key is null are skipped. When no series has a value, no file is
+    written and a stale one from an earlier report is removed.
+    """
+    points = []
+    for label, key in series:
+        xs = [row["round"] for row in rows if row.get(key) is not None]
+        ys = [row[key] for row in rows if row.get(key) is not None]
+        if xs:
+            points.append((label, xs, ys))
+    if not points:
+        path.unlink(missing_ok=True)
+        return False
+
+    # A bare Figure with the Agg canvas needs no display and leaves pyplot's global state alone.
+    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for label, xs, ys in points:
+        axes.plot(xs, ys, marker="o", label=label)
+    if hline is not None:
+        axes.axhline(hline[1], color="tab:red", linestyle="--", label=hline[0])
+    if y_from_zero:
+        axes.set_ylim(bottom=0.0)
+    axes.set_title(title)
+    axes.set_xlabel("round")
+    axes.set_ylabel(ylabel)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.savefig(path, dpi=100)
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Report sections
+# ---------------------------------------------------------------------------
+
+
+def _summary_section(
+    rows: Sequence[dict[str, Any]], privacy: dict[str, Any], evaluation: dict[str, Any] | None
+) -> list[str]:
+    clients = privacy["clients"]
+    target = privacy.get("target_epsilon")
+    epsilons = [c["epsilon"] for c in clients.values() if _is_number(c.get("epsilon"))]
+
+    train_loss, train_round = _last_value(rows, "train_loss")
+    eval_loss, eval_round = _last_value(rows, "eval_loss")
+    bleu, bleu_round = _last_value(rows, "bleu")
+    bytes_up = sum(row["bytes_up"] or 0 for row in rows)
+    bytes_down = sum(row["bytes_down"] or 0 for row in rows)
+
+    def with_round(value: Any, round_number: int | None) -> str:
+        return "n/a" if value is None else f"{_fmt(value)} (round {round_number})"
+
+    if privacy["dp_enabled"]:
+        max_epsilon = f"{_fmt(max(epsilons), '.2f')}" if epsilons else "n/a"
+        epsilon_cell = f"{max_epsilon} / {_fmt(target, '.2f')}"
+    else:
+        epsilon_cell = "DP off"
+
+    table = [
+        ("rounds completed", str(len(rows))),
+        ("clients in the privacy ledger", str(len(clients))),
+        ("final train loss", with_round(train_loss, train_round)),
+        ("final eval loss", with_round(eval_loss, eval_round)),
+        ("final BLEU (server evaluation)", with_round(bleu, bleu_round)),
+    ]
+    if evaluation is not None:
+        table.append(("test-set BLEU (eval.json)", _fmt(evaluation.get("bleu"))))
+    table += [
+        ("max ε / target ε", epsilon_cell),
+        ("declines, summed over rounds", str(sum(row["num_declined"] or 0 for row in rows))),
+        ("bytes up / down", f"{_fmt_bytes(bytes_up)} / {_fmt_bytes(bytes_down)}"),
+        ("bytes total", _fmt_bytes(bytes_up + bytes_down)),
+    ]
+    lines = ["## Summary", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {_cell(value)} |" for name, value in table]
+    return lines + [""]
+
+
+def _plots_section(run_dir: Path, rows: Sequence[dict[str, Any]], privacy: dict[str, Any]) -> list[str]:
+    lines = ["## Training curves", ""]
+    if not rows:
+        for name in ("loss.png", "bleu.png", "epsilon.png"):
+            (run_dir / name).unlink(missing_ok=True)
+        return lines + [
+            (f"{METRICS_FILE} contains no rounds: the run ended before its first round "
+             "finished, so there is nothing to plot."),
+            "",
+        ]
+
+    if _plot_rounds(
+        run_dir / "loss.png", title="Loss per round", ylabel="loss", rows=rows,
+        series=[("train loss", "train_loss"), ("eval loss", "eval_loss")],
+    ):
+        lines += ["![Train and eval loss per round](loss.png)", ""]
+    else:
+        lines += ["No round reported a train or eval loss.", ""]
+
+    if _plot_rounds(
+        run_dir / "bleu.png", title="BLEU per round (server evaluation)", ylabel="BLEU",
+        rows=rows, series=[("BLEU", "bleu")],
+    ):
+        lines += ["![BLEU per round](bleu.png)", ""]
+    else:
+        lines += ["No round ran a server BLEU evaluation.", ""]
+
+    target = privacy.get("target_epsilon")
+    hline = ("target ε", float(target)) if _is_number(target) else None
+    if not privacy["dp_enabled"]:
+        (run_dir / "epsilon.png").unlink(missing_ok=True)
+        lines += ["DP was off, so there is no ε to plot.", ""]
+    elif _plot_rounds(
+        run_dir / "epsilon.png", title="Largest ε spent among clients", ylabel="ε",
+        rows=rows, series=[("max ε", "max_epsilon")], hline=hline, y_from_zero=True,
+    ):
+        lines += ["![Max ε per round and target ε](epsilon.png)", ""]
+    else:
+        lines += ["No round reported an ε.", ""]
+    return lines
+
+
+def _privacy_section(privacy: dict[str, Any]) -> list[str]:
+    unit = privacy["unit"]
+    accountant = privacy.get("accountant")
+    target = privacy.get("target_epsilon")
+    lines = ["## Privacy", ""]
+
+    if not privacy["dp_enabled"]:
+        lines += [
+            ("**Differential privacy was OFF for this run.** No noise was added, so the "
+             "run gives no (ε, δ) guarantee and any ε below is not a privacy guarantee."),
+            "",
+        ]
+    lines += [
+        f"- unit: `{unit}`",
+        f"- accountant: `{_fmt(accountant)}`",
+        f"- δ: {_fmt(privacy.get('delta'), '.1e')}",
+        f"- target ε: {_fmt(target, '.2f')}",
+        "",
+    ]
+    if unit in _UNIT_MEANINGS:
+        lines += [_UNIT_MEANINGS[unit], ""]
+
+    clients = privacy["clients"]
+    if not clients:
+        return lines + ["No per-client privacy accounting was recorded.", ""]
+
+    lines += [
+        ("| client | ε | δ | accountant | noise multiplier | sample rate | steps "
+         "| rounds joined | declined rounds |"),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    over_prv_range = False
+    for client_id in sorted(clients):
+        entry = clients[client_id]
+        epsilon = entry.get("epsilon")
+        epsilon_text = _fmt(epsilon, ".2f")
+        if _is_number(epsilon) and _is_number(target) and epsilon > target:
+            epsilon_text += " (over target)"
+        client_accountant = entry.get("accountant") or accountant
+        if (client_accountant == "prv" and _is_number(epsilon) and math.isfinite(epsilon)
+                and epsilon > _PRV_ACCURATE_MAX_EPSILON):
+            over_prv_range = True
+        cells = [
+            client_id, epsilon_text, _fmt(entry.get("delta"), ".1e"), _fmt(client_accountant),
+            _fmt(entry.get("noise_multiplier")), _fmt(entry.get("sample_rate")),
+            _fmt(entry.get("steps")), _fmt_rounds(entry.get("rounds_joined")),
+            _fmt_rounds(entry.get("declined_rounds")),
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines.append("")
+    if over_prv_range:
+        lines += [
+            (f"NOTE: the PRV accountant is inaccurate above ε ≈ {_PRV_ACCURATE_MAX_EPSILON:g}, "
+             "so treat the larger ε values above as estimates."),
+            "",
+        ]
+    return lines
+
+
+def _evaluation_section(evaluation: dict[str, Any] | None) -> list[str]:
+    lines = ["## Test-set evaluation", ""]
+    if evaluation is None:
+        return lines + [f"No test-set evaluation ({EVAL_FILE}) in this run folder.", ""]
+    return lines + [
+        f"- test file: `{_fmt(evaluation.get('test_file'))}`",
+        f"- sources: {_fmt(evaluation.get('num_sources'))}",
+        f"- BLEU: {_fmt(evaluation.get('bleu'), '.2f')}",
+        f"- ROUGE-L: {_fmt(evaluation.get('rouge_l'), '.2f')}",
+        f"- slot error rate: {_fmt(evaluation.get('slot_error_rate'), '.3f')}",
+        "",
+    ]
+
+
+def _config_section(run_dir: Path) -> list[str]:
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return ["## Configuration", "", f"{CONFIG_FILE} not found in this run folder.", ""]
+    return ["## Configuration", "", "```toml", path.read_text(encoding="utf-8").rstrip(), "```", ""]
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``report.md`` and its plots (``loss.png``, ``bleu.png``, ``epsilon.png``).
+
+    Parameters
+    ----------
+    run_dir : Path
+        A run folder written by ``fedads simulate``: ``metrics.jsonl`` and
+        ``privacy.json`` are required, ``eval.json`` and ``config.toml`` optional.
+
+    Returns
+    -------
+    Path
+        The path of ``report.md``. Plots without data are not written, and the report
+        states why.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder, ``metrics.jsonl`` or ``privacy.json`` is missing.
+    ValueError, TypeError
+        If a file is not valid JSON or does not match its schema (see :func:`load_metrics`).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"run_dir {run_dir} is not a folder: pass the folder that `fedads simulate` wrote"
+        )
+
+    rows = load_metrics(run_dir)
+    privacy = _load_privacy(run_dir)
+    eval_path = run_dir / EVAL_FILE
+    evaluation = _load_json_object(eval_path) if eval_path.is_file() else None
+    if not rows:
+        logger.warning("write_report: %s has no rounds, writing a report without curves",
+                       run_dir / METRICS_FILE)
+    if not privacy["dp_enabled"]:
+        logger.warning("write_report: DP was off in %s, the report marks the run unprotected",
+                       run_dir)
+
+    lines = [f"# Run report: {run_dir.name}", ""]
+    lines += _summary_section(rows, privacy, evaluation)
+    lines += _plots_section(run_dir, rows, privacy)
+    lines += _evaluation_section(evaluation)
+    lines += _privacy_section(privacy)
+    lines += ["## What is not protected", ""]
+    lines += [f"- {item}" for item in _NOT_PROTECTED]
+    lines += [""]
+    lines += _config_section(run_dir)
+
+    report_path = run_dir / REPORT_FILE
+    report_path.write_text("\n".join(lines), encoding="utf-8")
+    logger.info("write_report: wrote %s", report_path)
+    return report_path

@@ -1,0 +1,107 @@
+"""Simulation runner: one Flower simulation from a RunConfig to a complete run folder."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+from flwr.simulation import run_simulation
+
+from client.app import build_client_app
+from common.config import RunConfig
+from common.data import AdRecord
+from common.model import load_tokenizer
+from common.text import encode_records
+from server.app import build_server_app
+from simulations.dataset import FederatedData, federated_data
+from simulations.report import load_metrics, write_report
+
+logger = logging.getLogger(__name__)
+
+HELDOUT_FILE = "heldout.csv"
+
+
+def write_heldout(records: list[AdRecord], path: Path) -> Path:
+    """Write the held-out records as a ``source,text`` CSV for ``fedads evaluate``."""
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["source", "text"])
+        for record in records:
+            writer.writerow([record.source, record.text])
+    return path
+
+
+def prepare_run(cfg: RunConfig) -> RunConfig:
+    """Resolve paths to absolute ones and point the client ledgers into the run folder.
+
+    Flower's simulation runs clients in worker processes, which must find the data and
+    ledgers whatever their working directory.
+    """
+    run_dir = Path(cfg.output).resolve()
+    ledger_dir = cfg.privacy.ledger_dir or str(run_dir / "ledgers")
+    return cfg.replace(
+        data={"data_dir": str(Path(cfg.data.data_dir).resolve())},
+        privacy={"ledger_dir": str(Path(ledger_dir).resolve())},
+        output=str(run_dir),
+    )
+
+
+def check_token_lengths(cfg: RunConfig, data: FederatedData) -> None:
+    """Fail before any worker starts if a record is longer than ``model.max-length`` tokens."""
+    tokenizer = load_tokenizer(cfg.model.name)
+    for partition in data.partitions:
+        encode_records(tokenizer, partition, max_length=cfg.model.max_length)
+    encode_records(tokenizer, data.test, max_length=cfg.model.max_length)
+
+
+def simulate(cfg: RunConfig, *, backend_config: dict | None = None) -> Path:
+    """Run the federated simulation and write the run folder; return its path.
+
+    The folder holds ``config.toml``, ``metrics.jsonl``, ``privacy.json``,
+    ``global_adapter/``, ``heldout.csv``, ``report.md`` with its plots, and ``ledgers/``
+    (the clients' privacy ledgers, which in a deployment stay on each client's machine).
+    """
+    cfg = prepare_run(cfg)
+    run_dir = Path(cfg.output)
+    if (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"run folder {run_dir} already holds a run: pass a new --output folder"
+        )
+    data = federated_data(cfg.data, cfg.seed)
+    check_token_lengths(cfg, data)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+    write_heldout(list(data.test), run_dir / HELDOUT_FILE)
+    logger.info(
+        "simulate: %s clients (%s to %s records), %s held-out records, %s rounds -> %s",
+        data.num_clients,
+        min(data.partitions.sizes),
+        max(data.partitions.sizes),
+        len(data.test),
+        cfg.server.num_rounds,
+        run_dir,
+    )
+
+    num_cpus = os.cpu_count() or 1
+    backend = backend_config or {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": num_cpus, "include_dashboard": False},
+    }
+    run_simulation(
+        server_app=build_server_app(cfg, test_records=list(data.test)),
+        client_app=build_client_app(cfg),
+        num_supernodes=data.num_clients,
+        backend_config=backend,
+    )
+
+    rounds = load_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    if len(rounds) < cfg.server.num_rounds:
+        raise RuntimeError(
+            f"simulation stopped after {len(rounds)} of {cfg.server.num_rounds} rounds: "
+            "see the errors logged above"
+        )
+    report = write_report(run_dir)
+    logger.info("simulate: report written to %s", report)
+    return run_dir
