@@ -11,15 +11,24 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.ledger import BudgetExceeded, PrivacyEvent, PrivacyLedger
-from client.runtime import client_identity, load_client_examples, load_model
+from client.release import Release, load_release, release_path, request_digest, save_release
+from client.runtime import (
+    client_identity,
+    ledger_accountant,
+    load_client_examples,
+    load_model,
+    pii_metrics,
+)
 from client.train import evaluate_loss, sample_rate_for, steps_per_round, train_local
 from common.adapter import (
     arrays_to_record,
+    frozen_lora_digest,
     get_adapter_arrays,
     record_to_arrays,
     set_adapter_arrays,
+    to_wire,
 )
-from common.config import RunConfig
+from common.config import ACCOUNTANTS, RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +45,77 @@ def build_client_app(cfg: RunConfig | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, cfg or RunConfig.from_dict(context.run_config))
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context, cfg or RunConfig.from_dict(context.run_config))
+
     return app
+
+
+def client_rank(cfg: RunConfig, context: Context) -> int:
+    """LoRA rank of this client.
+
+    ``lora-rank`` from the node config wins; else ``model.client-ranks`` is assigned
+    round-robin by ``partition-id``; else every client uses ``model.lora-r``.
+    """
+    node_config = context.node_config
+    if "lora-rank" in node_config:
+        rank = node_config["lora-rank"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(
+                f"invalid node config lora-rank = {rank!r}: expected an integer >= 1, "
+                "e.g. --node-config \"lora-rank=8\""
+            )
+        return rank
+    ranks = cfg.model.rank_list
+    if not ranks:
+        return cfg.model.lora_r
+    if "partition-id" not in node_config:
+        raise ValueError(
+            f"model.client-ranks = {cfg.model.client_ranks!r} assigns ranks by partition-id, "
+            "and this node has none: start the SuperNode with --node-config \"lora-rank=R\""
+        )
+    return ranks[int(node_config["partition-id"]) % len(ranks)]
+
+
+def rank_config(cfg: RunConfig, rank: int) -> RunConfig:
+    """``cfg`` with ``model.lora-r`` set to ``rank`` (the config the local model is built from)."""
+    return cfg if rank == cfg.model.lora_r else cfg.replace(model={"lora_r": rank})
+
+
+def handle_query(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Reply with this client's id and LoRA rank, which the server needs before sampling."""
+    client = ConfigRecord(
+        {"client-id": client_identity(context), "lora-rank": client_rank(cfg, context)}
+    )
+    return Message(content=RecordDict({"client": client}), reply_to=msg)
+
+
+def _config_number(config: ConfigRecord, key: str, default: float | None = None) -> float:
+    """Number ``key`` of a train message's config (``default`` when absent, if given)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"invalid train config {key} = {value!r}: expected a number")
+    return float(value)
+
+
+def _check_frozen_lora(model, config: ConfigRecord) -> None:
+    """Raise ValueError if the server's FFA-LoRA digest differs from this model's ``lora_A``."""
+    expected = config.get("lora-a-digest")
+    if expected is None:
+        return
+    found = frozen_lora_digest(model)
+    if found != expected:
+        raise ValueError(
+            f"frozen lora_A differs from the server's (digest {found[:12]} != "
+            f"{str(expected)[:12]}): FFA-LoRA needs the same seed, model, torch and PEFT "
+            "versions on the server and every client"
+        )
+
+
+def planned_rounds(cfg: RunConfig) -> int:
+    """Rounds a client's noise is calibrated for: ``privacy.planned-rounds``, at most all."""
+    return min(cfg.privacy.planned_rounds or cfg.server.num_rounds, cfg.server.num_rounds)
 
 
 def ledger_path(cfg: RunConfig, context: Context, client_id: str) -> Path:
@@ -50,11 +129,16 @@ def ledger_path(cfg: RunConfig, context: Context, client_id: str) -> Path:
 def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train one round, unless the round would exceed this client's privacy budget."""
     started = time.perf_counter()
-    server_round = int(msg.content["config"]["server-round"])
+    config = msg.content.config_records["config"]
+    server_round = int(_config_number(config, "server-round"))
+    proximal_mu = _config_number(config, "proximal-mu", 0.0)
+    wire_dtype = str(config.get("wire-dtype", cfg.server.wire_dtype))
     client_id = client_identity(context)
+    rank = client_rank(cfg, context)
     examples, pad_token_id = load_client_examples(cfg, context)
-    model = load_model(cfg)
-    set_adapter_arrays(model, record_to_arrays(msg.content["arrays"]))
+    model = load_model(rank_config(cfg, rank))
+    _check_frozen_lora(model, config)
+    set_adapter_arrays(model, record_to_arrays(msg.content.array_records["arrays"]))
 
     num_examples = len(examples)
     steps = steps_per_round(num_examples, cfg.train.batch_size, cfg.train.local_epochs)
@@ -65,19 +149,36 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         ledger = PrivacyLedger.open(
             ledger_path(cfg, context, client_id),
             client_id=client_id,
-            accountant=cfg.privacy.accountant,
+            accountant=ledger_accountant(cfg.privacy),
             target_epsilon=cfg.privacy.target_epsilon,
             target_delta=cfg.privacy.target_delta,
         )
         noise_multiplier = ledger.calibrate(
-            sample_rate=sample_rate, planned_steps=steps * cfg.server.num_rounds
+            sample_rate=sample_rate,
+            planned_steps=steps * planned_rounds(cfg),
         )
+        # A round whose update was released and counted, requested again with the same message
+        # after a server restart, gets the same update back at no new privacy cost.
+        release = load_release(release_path(ledger.path))
+        if (
+            release is not None
+            and release.server_round == server_round
+            and server_round in ledger.rounds_joined
+            and release.request_digest == request_digest(msg)
+        ):
+            logger.info(
+                "train: client %s re-sends its round %s update, already counted in its ledger",
+                client_id,
+                server_round,
+            )
+            return _train_reply(msg, release, ledger, client_id, rank, wire_dtype, replayed=True)
         event = PrivacyEvent(noise_multiplier, float(ledger.sample_rate or sample_rate), steps)
         try:
             ledger.check_budget(event)
         except BudgetExceeded as err:
             logger.warning("train: %s", err)
-            ledger.record_decline(server_round)
+            if server_round not in ledger.declined_rounds:
+                ledger.record_decline(server_round)
             return _decline_reply(msg, ledger, str(err))
 
     result = train_local(
@@ -89,6 +190,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         pad_token_id=pad_token_id,
         seed=zlib.crc32(f"{cfg.seed}:{client_id}:{server_round}".encode()),
         steps=steps,
+        proximal_mu=proximal_mu,
     )
     metrics: dict[str, float | int] = {
         "num-examples": result.num_examples,
@@ -96,17 +198,40 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         "steps": result.steps,
         "declined": 0,
         "train-time-s": time.perf_counter() - started,
+        "secure-mode": int(cfg.privacy.dp and cfg.privacy.secure_mode),
+        **pii_metrics(cfg, context),
     }
+    release = Release(server_round, request_digest(msg), get_adapter_arrays(model), metrics)
     if ledger is not None:
-        epsilon = ledger.record_round(
+        ledger.record_round(
             server_round, PrivacyEvent(noise_multiplier, result.sample_rate, result.steps)
         )
-        metrics.update(_privacy_metrics(ledger, epsilon))
+        # Stored only once the event is in the ledger, so a stored update is always counted.
+        save_release(release_path(ledger.path), release)
+    return _train_reply(msg, release, ledger, client_id, rank, wire_dtype, replayed=False)
+
+
+def _train_reply(
+    msg: Message,
+    release: Release,
+    ledger: PrivacyLedger | None,
+    client_id: str,
+    rank: int,
+    wire_dtype: str,
+    *,
+    replayed: bool,
+) -> Message:
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        **release.metrics,
+        "replayed": int(replayed),
+    }
+    if ledger is not None:
+        metrics.update(_privacy_metrics(ledger, ledger.epsilon()))
     content = RecordDict(
         {
-            "arrays": arrays_to_record(get_adapter_arrays(model)),
+            "arrays": arrays_to_record(to_wire(release.arrays, wire_dtype)),
             "metrics": MetricRecord(metrics),
-            "client": ConfigRecord({"client-id": client_id}),
+            "client": ConfigRecord({"client-id": client_id, "lora-rank": rank}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -119,6 +244,7 @@ def _privacy_metrics(ledger: PrivacyLedger, epsilon: float) -> dict[str, float |
         "noise-multiplier": float(ledger.noise_multiplier or 0.0),
         "sample-rate": float(ledger.sample_rate or 0.0),
         "total-steps": ledger.steps,
+        "accountant-id": ACCOUNTANTS.index(ledger.accountant),
     }
 
 
@@ -140,8 +266,8 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     the DP guarantee; the server only asks for it when ``server.fraction-evaluate > 0``.
     """
     examples, pad_token_id = load_client_examples(cfg, context)
-    model = load_model(cfg)
-    set_adapter_arrays(model, record_to_arrays(msg.content["arrays"]))
+    model = load_model(rank_config(cfg, client_rank(cfg, context)))
+    set_adapter_arrays(model, record_to_arrays(msg.content.array_records["arrays"]))
     loss = evaluate_loss(model, examples[:256], pad_token_id=pad_token_id)
     metrics = MetricRecord({"eval-loss": loss, "num-examples": min(256, len(examples))})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,24 +1,32 @@
 """Per-process caches of what a ClientApp needs: identity, encoded records and the model.
 
 Flower calls the ClientApp once per round, often in a long-lived worker process; loading
-the base model and tokenizing the records once per process keeps rounds fast.
+the base model and tokenizing the records once per process keeps rounds fast. Records are
+scrubbed of PII (``client.pii``) before they are tokenized, so the model never sees the
+replaced values. The replacement counts are logged here, on the client, and leave it only
+when ``privacy.report-pii-counts`` is true, because an exact count is a statistic of the
+private records that the DP guarantee does not cover.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.app import Context
 from peft import PeftModel
 
-from common.config import DataConfig, ModelConfig, RunConfig
-from common.data import load_records
+from client.pii import KINDS, ScrubConfig, scrub_records
+from common.config import PRV_MAX_EPSILON, DataConfig, ModelConfig, PrivacyConfig, RunConfig
+from common.data import AdRecord, load_records
 from common.model import build_lora_model, load_tokenizer
 from common.text import EncodedExample, encode_records
 
 logger = logging.getLogger(__name__)
+
+PII_REPLACED_METRIC = "pii-replaced"
 
 
 def client_identity(context: Context) -> str:
@@ -40,10 +48,49 @@ def load_model(cfg: RunConfig) -> PeftModel:
     return build_lora_model(cfg.model, seed=cfg.seed)
 
 
+def scrub_config(kinds: frozenset[str]) -> ScrubConfig:
+    """Scrubbing detectors for the PII ``kinds`` (names from ``client.pii.KINDS``)."""
+    unknown = sorted(kinds - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown PII kinds {unknown}: expected a subset of {', '.join(KINDS)}")
+    return ScrubConfig(
+        emails="email" in kinds,
+        phones="phone" in kinds,
+        payment_cards="card" in kinds,
+        user_urls="url" in kinds,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_scrubbing_off() -> None:
+    logger.warning(
+        "load_client_examples: privacy.scrub-pii is off: emails, phone numbers, card "
+        "numbers and user URLs in the records reach the model unchanged"
+    )
+
+
+def _encode(
+    model_cfg: ModelConfig, records: Sequence[AdRecord], kinds: frozenset[str]
+) -> tuple[tuple[EncodedExample, ...], int, dict[str, int]]:
+    """Scrub ``records`` of the PII ``kinds``, then tokenize them."""
+    counts: dict[str, int] = {}
+    if kinds:
+        records, counts = scrub_records(records, scrub_config(kinds))
+    else:
+        _warn_scrubbing_off()
+    tokenizer = load_tokenizer(model_cfg.name)
+    examples = encode_records(tokenizer, records, max_length=model_cfg.max_length)
+    return tuple(examples), int(tokenizer.pad_token_id or 0), counts
+
+
 @functools.lru_cache(maxsize=8)
 def _encoded_partition(
-    model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, partition_id: int
-) -> tuple[tuple[EncodedExample, ...], int]:
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    seed: int,
+    partition_id: int,
+    kinds: frozenset[str],
+) -> tuple[tuple[EncodedExample, ...], int, dict[str, int]]:
     from simulations.dataset import federated_data
 
     data = federated_data(data_cfg, seed)
@@ -52,39 +99,97 @@ def _encoded_partition(
             f"partition-id {partition_id} is out of range for {data.num_clients} clients: "
             "start the simulation with --num-clients equal to the number of partitions"
         )
-    tokenizer = load_tokenizer(model_cfg.name)
-    examples = encode_records(
-        tokenizer, data.partitions[partition_id], max_length=model_cfg.max_length
-    )
-    return tuple(examples), int(tokenizer.pad_token_id or 0)
+    return _encode(model_cfg, data.partitions[partition_id], kinds)
 
 
 @functools.lru_cache(maxsize=8)
 def _encoded_file(
-    model_cfg: ModelConfig, data_cfg: DataConfig, path: str
-) -> tuple[tuple[EncodedExample, ...], int]:
+    model_cfg: ModelConfig, data_cfg: DataConfig, path: str, kinds: frozenset[str]
+) -> tuple[tuple[EncodedExample, ...], int, dict[str, int]]:
     records = load_records(
         Path(path),
         source_column=data_cfg.source_column,
         text_column=data_cfg.text_column,
         max_chars=data_cfg.max_chars,
     )
-    tokenizer = load_tokenizer(model_cfg.name)
-    examples = encode_records(tokenizer, records, max_length=model_cfg.max_length)
-    return tuple(examples), int(tokenizer.pad_token_id or 0)
+    return _encode(model_cfg, records, kinds)
+
+
+def _encoded_client_data(
+    cfg: RunConfig, context: Context
+) -> tuple[tuple[EncodedExample, ...], int, dict[str, int]]:
+    node_config = context.node_config
+    kinds = cfg.privacy.scrub_kind_set
+    if "data-path" in node_config:
+        return _encoded_file(cfg.model, cfg.data, str(node_config["data-path"]), kinds)
+    return _encoded_partition(
+        cfg.model, cfg.data, cfg.seed, int(node_config["partition-id"]), kinds
+    )
 
 
 def load_client_examples(cfg: RunConfig, context: Context) -> tuple[list[EncodedExample], int]:
-    """Encoded training records of this client and the pad token id.
+    """Encoded training records of this client, scrubbed of PII, and the pad token id.
 
     A deployed SuperNode names its own file with ``data-path`` in its node config; in a
     simulation the node's ``partition-id`` selects a partition of the configured dataset.
+    ``privacy.scrub-pii`` and ``privacy.scrub-kinds`` select the PII kinds replaced before
+    tokenization.
     """
-    node_config = context.node_config
-    if "data-path" in node_config:
-        examples, pad = _encoded_file(cfg.model, cfg.data, str(node_config["data-path"]))
-    else:
-        examples, pad = _encoded_partition(
-            cfg.model, cfg.data, cfg.seed, int(node_config["partition-id"])
-        )
+    examples, pad, _ = _encoded_client_data(cfg, context)
     return list(examples), pad
+
+
+def pii_metrics(cfg: RunConfig, context: Context) -> dict[str, int]:
+    """Train-reply metrics about PII scrubbing: the total replacements, or nothing.
+
+    The total is sent only when ``privacy.report-pii-counts`` is true. Counts per kind
+    never leave the client.
+    """
+    if not cfg.privacy.report_pii_counts:
+        return {}
+    _, _, counts = _encoded_client_data(cfg, context)
+    return {PII_REPLACED_METRIC: sum(counts.get(kind, 0) for kind in KINDS)}
+
+
+@functools.lru_cache(maxsize=4)
+def ledger_accountant(privacy: PrivacyConfig) -> str:
+    """Accountant for a new ledger: ``privacy.accountant``, or RDP for PRV at high ε.
+
+    Logs a WARNING (once per process and config) when PRV is replaced. A ledger that
+    already exists keeps the accountant it was written with (see ``PrivacyLedger.open``).
+    """
+    in_use = privacy.accountant_in_use
+    if in_use != privacy.accountant:
+        logger.warning(
+            "train: privacy.accountant = %s is inaccurate above epsilon %s, and "
+            "privacy.target-epsilon = %s: composing epsilon with %s instead",
+            privacy.accountant,
+            PRV_MAX_EPSILON,
+            privacy.target_epsilon,
+            in_use,
+        )
+    return in_use
+
+
+def check_secure_mode(privacy: PrivacyConfig) -> None:
+    """Raise RuntimeError if ``privacy.secure_mode`` is on but Opacus cannot provide it.
+
+    Opacus (1.6) draws secure noise and Poisson samples from ``torchcsprng``. Without that
+    package ``PrivacyEngine(secure_mode=True)`` raises ImportError in every client, so this
+    check turns a round of failed replies into one clear error before the run starts.
+
+    NOTE: pip finds no torchcsprng distribution for Python 3.11 (its last release, 0.2.1,
+    dates from 2021), so secure mode cannot run on such an installation.
+    """
+    if not (privacy.dp and privacy.secure_mode):
+        return
+    try:
+        import torchcsprng  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        cause = "privacy.production = true" if privacy.production else "privacy.secure-mode = true"
+        raise RuntimeError(
+            f"{cause} needs Opacus' secure mode, which needs the package torchcsprng, and "
+            "it is not installed: install a torchcsprng build that matches your torch "
+            "version, or for experiments set privacy.production = false and "
+            "privacy.secure-mode = false (noise then comes from a seeded generator)"
+        ) from None

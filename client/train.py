@@ -25,28 +25,35 @@ class PerSampleCausalLoss(nn.Module):
 
     A Hugging Face model's built-in loss averages tokens over the whole batch, which does not
     decompose into per-sample terms, so Opacus would clip the wrong gradients. This module
-    returns a ``(B,)`` vector instead. Logits are computed only at target positions: the LM
-    head (hidden -> vocabulary) dominates the cost on CPU, and it is frozen, so gathering
-    its inputs across the batch does not disturb per-sample gradients of the LoRA layers.
+    returns a ``(B,)`` vector instead. Logits are computed only at target positions: the
+    vocabulary projection dominates the cost on CPU, and it is frozen, so gathering its
+    inputs across the batch does not disturb per-sample gradients of the trained layers.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        head = base.cls if hasattr(base, "cls") else base.get_output_embeddings()
+        if hasattr(base, "cls"):
+            # BERT decoder: the transform (dense, GELU, LayerNorm) runs on the full (B, T, H)
+            # batch, so it keeps per-sample gradients when it is trained; only the frozen
+            # vocabulary projection sees the gathered target positions.
+            transform, decoder = base.cls.predictions.transform, base.cls.predictions.decoder
+        else:
+            transform, decoder = nn.Identity(), base.get_output_embeddings()
         # A tuple keeps these out of the module tree: registering them twice would make
         # Opacus attach its per-sample hooks twice.
-        self._parts = (base.base_model, head)
+        self._parts = (base.base_model, transform, decoder)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        backbone, head = self._parts
+        backbone, transform, decoder = self._parts
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
+        hidden = transform(hidden)  # (B, T, H)
         targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted from position t
         selected = targets != IGNORE_INDEX  # (B, T-1)
-        logits = head(hidden[:, :-1][selected])  # (N, V), N = target tokens in batch
+        logits = decoder(hidden[:, :-1][selected])  # (N, V), N = target tokens in batch
         token_loss = nn.functional.cross_entropy(
             logits.float(), targets[selected], reduction="none"
         )  # (N,)
@@ -139,6 +146,68 @@ def _trim(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return input_ids[:, :width], attention_mask[:, :width], labels[:, :width]
 
 
+class ProximalTerm:
+    """FedProx's proximal term ``mu / 2 * ||w - w_global||^2`` over the trained tensors.
+
+    T. Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020.
+    ``w_global`` is a copy of ``params`` when the term is created, i.e. the adapter the
+    server sent this round. The term is added to every sample's loss, so the batch loss
+    ``(1/B) Σ_i (loss_i + term)`` equals ``mean(loss_i) + term``, FedProx's local objective.
+
+    Under DP-SGD the term must be inside each sample's loss, so that clipping bounds each
+    sample's whole gradient and the noise calibrated to ``clipping_norm`` covers it.
+    Opacus' hooks build per-sample gradients from layer activations only, and a term that
+    reads the parameters directly never reaches ``grad_sample``, so
+    :meth:`add_to_grad_samples` adds its gradient ``mu * (w - w_global)`` to every row.
+    Opacus (``loss_reduction="mean"``) then clips each row ``∇loss_i + mu (w - w_global)``,
+    sums the rows, adds noise and divides by the expected batch size ``q * n``: the
+    proximal pull is clipped and noised with the data gradient, and the sensitivity stays
+    ``clipping_norm``. An empty Poisson batch has no rows, so that step gets noise but no
+    proximal pull, like the data term.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], *, mu: float) -> None:
+        self.mu = mu
+        self.params = list(params)
+        self.anchors = [p.detach().clone() for p in self.params]
+
+    def value(self) -> torch.Tensor:
+        """``mu / 2 * ||w - w_global||^2`` as a differentiable scalar."""
+        total = sum(((p - a) ** 2).sum() for p, a in zip(self.params, self.anchors))
+        return 0.5 * self.mu * total
+
+    def add_to_grad_samples(self) -> None:
+        """Add ``mu * (w - w_global)`` to each sample's row of ``p.grad_sample``."""
+        with torch.no_grad():
+            for p, anchor in zip(self.params, self.anchors):
+                grad_sample = p.grad_sample  # (B, *p.shape)
+                grad_sample += (self.mu * (p - anchor)).unsqueeze(0)
+
+
+def backward_batch(
+    loss_module: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    proximal: ProximalTerm | None = None,
+) -> torch.Tensor:
+    """Run forward and backward on one batch and return the ``(B,)`` per-sample losses.
+
+    Gradients land in ``p.grad``, or in ``p.grad_sample`` when ``loss_module`` is an
+    Opacus ``GradSampleModule``; the proximal term goes where the optimizer reads them.
+    """
+    input_ids, attention_mask, labels = batch
+    per_sample = loss_module(input_ids, attention_mask, labels)  # (B,)
+    # Mean over the actual batch; Opacus rescales by the batch size it observes,
+    # and an empty Poisson batch contributes a zero gradient plus the step's noise.
+    loss = per_sample.sum() / max(1, per_sample.shape[0])
+    private = isinstance(loss_module, GradSampleModule)
+    if proximal is not None and not private:
+        loss = loss + proximal.value()
+    loss.backward()
+    if proximal is not None and private:
+        proximal.add_to_grad_samples()
+    return per_sample
+
+
 def train_local(
     model: nn.Module,
     examples: Sequence[EncodedExample],
@@ -150,6 +219,7 @@ def train_local(
     seed: int,
     device: torch.device | str = "cpu",
     steps: int | None = None,
+    proximal_mu: float = 0.0,
 ) -> LocalTrainResult:
     """Train the adapter's trainable tensors in place for one round.
 
@@ -157,6 +227,8 @@ def train_local(
     q = batch_size / n, per-sample clipping to ``privacy.clipping_norm`` and Gaussian noise
     of standard deviation ``noise_multiplier * clipping_norm`` per step. ``steps`` defaults to
     :func:`steps_per_round`; the caller accounts for exactly the steps taken.
+    ``proximal_mu > 0`` adds FedProx's proximal term around the adapter the model holds
+    on entry (:class:`ProximalTerm`).
     """
     dataset = EncodedDataset(examples, pad_token_id)
     num_examples = len(dataset)
@@ -168,6 +240,7 @@ def train_local(
     loss_module = PerSampleCausalLoss(model).to(device)
     loss_module.train()
     params = [p for p in loss_module.parameters() if p.requires_grad]
+    proximal = ProximalTerm(params, mu=proximal_mu) if proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     loader = DataLoader(
         dataset,
@@ -195,7 +268,7 @@ def train_local(
 
     losses: list[float] = []
     with _quiet_opacus():
-        taken = _run_steps(loss_module, optimizer, loader, num_steps, losses, device)
+        taken = _run_steps(loss_module, optimizer, loader, num_steps, losses, device, proximal)
     if privacy.dp:
         # Remove Opacus hooks so the same model object can be reused next round.
         loss_module._close()
@@ -216,18 +289,15 @@ def _run_steps(
     num_steps: int,
     losses: list[float],
     device: torch.device | str,
+    proximal: ProximalTerm | None = None,
 ) -> int:
     """Take ``num_steps`` optimizer steps, cycling over the loader; append batch losses."""
     taken = 0
     while taken < num_steps:
         for batch in loader:
-            input_ids, attention_mask, labels = (t.to(device) for t in _trim(batch))
+            trimmed = tuple(t.to(device) for t in _trim(batch))
             optimizer.zero_grad(set_to_none=True)
-            per_sample = loss_module(input_ids, attention_mask, labels)  # (B,)
-            # Mean over the actual batch; Opacus rescales by the batch size it observes,
-            # and an empty Poisson batch contributes a zero gradient plus the step's noise.
-            loss = per_sample.sum() / max(1, per_sample.shape[0])
-            loss.backward()
+            per_sample = backward_batch(loss_module, trimmed, proximal)  # (B,)
             optimizer.step()
             if per_sample.shape[0] > 0:
                 losses.append(float(per_sample.detach().mean()))

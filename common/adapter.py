@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -60,6 +61,60 @@ def record_to_arrays(record: ArrayRecord) -> Arrays:
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Bytes of the tensor data (the part of a message that grows with the adapter)."""
     return int(sum(np.asarray(value).nbytes for value in arrays.values()))
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Serialized size of an ArrayRecord's tensors, read without deserializing them."""
+    return int(sum(len(array.data) for array in record.values()))
+
+
+def wire_numpy_dtype(name: str) -> np.dtype:
+    """NumPy dtype for a ``server.wire-dtype`` name; ``bfloat16`` comes from ml_dtypes."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ModuleNotFoundError(
+                "server.wire-dtype = 'bfloat16' needs the ml_dtypes package: run "
+                "`pip install ml_dtypes`, or use wire-dtype 'float16'"
+            ) from None
+        return np.dtype(ml_dtypes.bfloat16)
+    if name in ("float32", "float16"):
+        return np.dtype(name)
+    raise ValueError(f"invalid wire dtype {name!r}: expected float32, float16 or bfloat16")
+
+
+def to_wire(arrays: Mapping[str, np.ndarray], dtype: str) -> Arrays:
+    """Cast adapter tensors to the wire dtype (round to nearest); float32 is left as is.
+
+    NOTE: the bfloat16 path is untested here because ml_dtypes is not installed, and
+    Flower's Array serialization of ml_dtypes arrays is unverified.
+    """
+    target = wire_numpy_dtype(dtype)
+    return {name: np.asarray(value).astype(target, copy=False) for name, value in arrays.items()}
+
+
+def from_wire(arrays: Mapping[str, np.ndarray]) -> Arrays:
+    """Cast received adapter tensors to float32, the dtype that aggregation runs in."""
+    return {name: np.asarray(value).astype(np.float32) for name, value in arrays.items()}
+
+
+def frozen_lora_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the frozen ``lora_A`` matrices (names, shapes, float32 values).
+
+    With FFA-LoRA these matrices never travel. The server sends this digest, so a client
+    whose seeded initialization differs (another seed, torch or PEFT version) fails
+    loudly instead of training against other ``lora_A`` matrices. Returns the digest of
+    nothing when no ``lora_A`` is frozen.
+    """
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        if ".lora_A." in name and not parameter.requires_grad:
+            value = parameter.detach().cpu().float().contiguous().numpy()
+            digest.update(name.encode())
+            digest.update(str(value.shape).encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def save_adapter(model: PeftModel, arrays: Mapping[str, np.ndarray], out_dir: str | Path) -> Path:

@@ -16,6 +16,8 @@ from common.data import DataValidationError
 logger = logging.getLogger("fedads")
 
 DEFAULT_DATA_DIR = "data"
+# The main job, used by `fedads simulate` when no --config is given.
+MAIN_CONFIG = Path(__file__).resolve().parent.parent / "simulations" / "configs" / "main.toml"
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +27,12 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         description="Run a Flower simulation in which every advertiser trains a LoRA adapter "
         "with DP-SGD and the server aggregates the adapters with FedAvg.",
     )
-    p.add_argument("--config", type=Path, help="TOML run config (flags override its values)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="TOML run config; flags override its values (default: the main job, "
+        "simulations/configs/main.toml)",
+    )
     p.add_argument(
         "--data-dir",
         help="folder with e2e/devset.csv or the records file; missing E2E files are "
@@ -52,6 +59,80 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-column", help="column holding the ad text (records dataset)")
     p.add_argument("--max-chars", type=int, help="longest accepted record, in characters")
     p.add_argument("--seed", type=int, help="seed for splits, sampling and initialization")
+    _add_privacy_flags(p)
+    _add_federation_flags(p)
+
+
+def _add_federation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue RUN_DIR after its last checkpointed round, with its config.toml "
+        "(no other config flags allowed)",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"),
+        help="server strategy (default: fedavg)",
+    )
+    p.add_argument(
+        "--weighting",
+        choices=("examples", "uniform"),
+        help="weigh client updates by example count (default) or equally",
+    )
+    p.add_argument("--proximal-mu", type=float, help="FedProx proximal term weight mu")
+    p.add_argument(
+        "--server-learning-rate", type=float, help="FedAdam/FedYogi/FedAdagrad learning rate"
+    )
+    p.add_argument(
+        "--robust",
+        choices=("none", "median", "trimmed-mean"),
+        help="aggregation rule: weighted mean (none, default), coordinate-wise median or "
+        "trimmed mean",
+    )
+    p.add_argument(
+        "--norm-bound", type=float, help="scale each client update down to this L2 norm (0: off)"
+    )
+    p.add_argument(
+        "--max-update-norm", type=float, help="reject client updates above this L2 norm (0: off)"
+    )
+    p.add_argument(
+        "--round-timeout", type=float, help="seconds a round waits for replies (default: 3600)"
+    )
+    p.add_argument(
+        "--wire-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="dtype of adapter tensors on the wire (default: float32)",
+    )
+    p.add_argument(
+        "--ffa-lora",
+        action="store_true",
+        help="FFA-LoRA: freeze lora_A at a shared seeded initialization, train and send lora_B",
+    )
+    p.add_argument(
+        "--client-ranks",
+        help='LoRA ranks assigned round-robin to clients, e.g. "4,8,16" (FlexLoRA aggregation)',
+    )
+
+
+def _add_privacy_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--accountant",
+        choices=("prv", "rdp"),
+        help="privacy accountant (default: prv; prv is replaced by rdp above target ε 10)",
+    )
+    p.add_argument(
+        "--production",
+        action="store_true",
+        help="mark the run as production: DP noise from a cryptographically secure generator "
+        "(Opacus secure mode, needs the torchcsprng package)",
+    )
+    p.add_argument(
+        "--no-scrub-pii",
+        action="store_true",
+        help="train on records as they are, without replacing emails, phones, cards and URLs",
+    )
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -73,6 +154,64 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N distinct sources")
 
 
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="measure how much a run memorises a planted secret, with and without DP",
+        description="Plant a random secret (a canary) several times in one advertiser's "
+        "records, train the configured DP run and a non-DP control, and rank the secret "
+        "among random candidates under each global adapter (exposure, Carlini et al. 2019). "
+        "Writes audit.json, audit.md and both run folders.",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="TOML run config; flags override its values (default: the main job, "
+        "simulations/configs/main.toml)",
+    )
+    p.add_argument(
+        "--data-dir",
+        help=f"folder with the dataset (default: $FEDADS_DATA_DIR or ./{DEFAULT_DATA_DIR})",
+    )
+    p.add_argument("--output", help="audit folder to create (default: audits/<timestamp>)")
+    p.add_argument("--num-rounds", type=int, help="federated rounds of each run")
+    p.add_argument("--num-clients", type=int, help="number of simulated advertisers")
+    p.add_argument(
+        "--max-examples-per-client", type=int, help="cap on each client's own records"
+    )
+    p.add_argument("--target-epsilon", type=float, help="each client's ε budget in the DP run")
+    p.add_argument("--local-epochs", type=float, help="local passes over each client's data")
+    p.add_argument("--learning-rate", type=float, help="client AdamW learning rate")
+    p.add_argument("--seed", type=int, help="seed for the data split, the secret and training")
+    _add_privacy_flags(p)
+    p.add_argument(
+        "--canary-format",
+        default="my voucher code is {code}",
+        help="text of the secret, with {code} where the random digits go "
+        "(default: 'my voucher code is {code}')",
+    )
+    p.add_argument("--code-digits", type=int, default=6, help="random digits (default: 6)")
+    p.add_argument(
+        "--repeats", type=int, default=20, help="copies of the secret planted (default: 20)"
+    )
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=10_000,
+        help="random codes the secret is ranked against; the exposure is at most "
+        "log2(candidates) bits (default: 10000)",
+    )
+    p.add_argument(
+        "--canary-client",
+        type=int,
+        default=0,
+        help="partition index of the advertiser holding the secret (default: 0)",
+    )
+    p.add_argument(
+        "--score-batch-size", type=int, default=256, help="candidates per forward pass"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedads",
@@ -83,17 +222,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_generate(sub)
     _add_evaluate(sub)
+    _add_audit(sub)
     return parser
 
 
+def _resume_config(args: argparse.Namespace) -> RunConfig:
+    """Config of the run folder named by ``--resume``; other config flags are errors."""
+    given = sorted(
+        f"--{name.replace('_', '-')}"
+        for name, value in vars(args).items()
+        if name not in ("command", "verbose", "resume") and value not in (None, False)
+    )
+    if given:
+        raise ConfigError(
+            f"--resume continues {args.resume} with its own config.toml, so {', '.join(given)} "
+            "cannot change it: drop those flags, or start a new run with --output"
+        )
+    cfg = RunConfig.from_toml(args.resume / "config.toml")
+    return cfg.replace(output=str(args.resume))
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Build the run config: defaults, then ``--config``, then flags."""
-    cfg = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    """Build the run config: defaults, then ``--config``, then flags (or ``--resume``)."""
+    if getattr(args, "resume", None) is not None:
+        return _resume_config(args)
+    cfg = RunConfig.from_toml(args.config or MAIN_CONFIG)
     data_dir = args.data_dir or (
         None if args.config else os.environ.get("FEDADS_DATA_DIR", DEFAULT_DATA_DIR)
     )
     flag_map = {
-        "model": {"name": args.model, "lora_r": args.lora_r, "max_length": args.max_length},
+        "model": {
+            "name": args.model,
+            "lora_r": args.lora_r,
+            "max_length": args.max_length,
+            "ffa_lora": True if args.ffa_lora else None,
+            "client_ranks": args.client_ranks,
+        },
         "data": {
             "data_dir": data_dir,
             "num_clients": args.num_clients,
@@ -113,8 +277,22 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             "target_epsilon": args.target_epsilon,
             "target_delta": args.target_delta,
             "dp": False if args.no_dp else None,
+            "accountant": args.accountant,
+            "production": True if args.production else None,
+            "scrub_pii": False if args.no_scrub_pii else None,
         },
-        "server": {"num_rounds": args.num_rounds},
+        "server": {
+            "num_rounds": args.num_rounds,
+            "strategy": args.strategy,
+            "weighting": args.weighting,
+            "proximal_mu": args.proximal_mu,
+            "server_learning_rate": args.server_learning_rate,
+            "robust": args.robust,
+            "norm_bound": args.norm_bound,
+            "max_update_norm": args.max_update_norm,
+            "round_timeout": args.round_timeout,
+            "wire_dtype": args.wire_dtype,
+        },
     }
     changes = {
         section: {key: value for key, value in values.items() if value is not None}
@@ -128,12 +306,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from client.runtime import check_secure_mode
     from simulations.run import simulate
 
     cfg = config_from_args(args)
+    check_secure_mode(cfg.privacy)
     if not cfg.privacy.dp:
         logger.warning("simulate: --no-dp: clients train without differential privacy")
-    run_dir = simulate(cfg)
+    run_dir = simulate(cfg, resume=args.resume is not None)
     print(f"run folder: {run_dir}")
     print(f"report:     {run_dir / 'report.md'}")
     return 0
@@ -165,6 +345,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     test_file = args.test or args.run / "heldout.csv"
     result = evaluate_run(args.run, test_file, limit=args.limit)
+    if (args.run / "metrics.jsonl").is_file():
+        from simulations.report import write_report
+
+        write_report(args.run)
     print(f"{'metric':<18}{'value':>10}")
     print(f"{'BLEU':<18}{result['bleu']:>10.2f}")
     print(f"{'ROUGE-L':<18}{result['rouge_l']:>10.2f}")
@@ -175,6 +359,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate_defaults() -> dict[str, object]:
+    """Default value of every ``simulate`` flag, for commands that offer only some of them."""
+    parser = argparse.ArgumentParser()
+    _add_simulate(parser.add_subparsers(dest="command"))
+    return vars(parser.parse_args(["simulate"]))
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from client.runtime import check_secure_mode
+    from simulations.audit import AuditSettings, CanaryFormat, run_audit
+
+    settings = AuditSettings(
+        canary=CanaryFormat(template=args.canary_format, digits=args.code_digits),
+        repeats=args.repeats,
+        candidates=args.candidates,
+        canary_client=args.canary_client,
+        batch_size=args.score_batch_size,
+    )
+    out_dir = Path(args.output or f"audits/{time.strftime('%Y%m%d-%H%M%S')}")
+    run_args = argparse.Namespace(**{**_simulate_defaults(), **vars(args), "output": None})
+    cfg = config_from_args(run_args)
+    check_secure_mode(cfg.privacy)
+    audit = run_audit(cfg, out_dir, settings)
+    print(f"{'run':<10}{'epsilon':>10}{'rank':>10}{'exposure':>12}")
+    for name, run in audit["runs"].items():
+        epsilon = "off" if run["epsilon"] is None else f"{run['epsilon']:.2f}"
+        print(f"{name:<10}{epsilon:>10}{run['rank']:>10}{run['exposure']:>12.2f}")
+    print(f"max exposure with {audit['candidates']} candidates: {audit['max_exposure']:.2f}")
+    print(f"written: {out_dir / 'audit.json'} and {out_dir / 'audit.md'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -182,7 +398,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    commands = {"simulate": cmd_simulate, "generate": cmd_generate, "evaluate": cmd_evaluate}
+    commands = {
+        "simulate": cmd_simulate,
+        "generate": cmd_generate,
+        "evaluate": cmd_evaluate,
+        "audit": cmd_audit,
+    }
     try:
         return commands[args.command](args)
     except (ConfigError, DataValidationError, FileNotFoundError, FileExistsError) as err:

@@ -19,6 +19,10 @@ else:  # pragma: no cover
 
 ACCOUNTANTS = ("prv", "rdp")
 PARTITIONERS = ("column", "iid", "dirichlet")
+PII_KINDS = ("email", "phone", "card", "url")
+# Above about this ε, the discretisation in Opacus' PRV accountant fails or loses accuracy
+# for many sample rates and step counts (github.com/meta-pytorch/opacus, issue 604).
+PRV_MAX_EPSILON = 10.0
 
 
 class ConfigError(ValueError):
@@ -36,6 +40,16 @@ class ModelConfig:
 
     ``name`` is an alias (``minilm-l6``), a local folder or a Hugging Face hub id.
     The adapter update is ``scaling * B @ A`` with ``scaling = lora_alpha / lora_r``.
+
+    ``ffa_lora`` freezes every ``lora_A`` at its seeded initialization (the same
+    ``seed`` on the server and every client) and trains and sends only ``lora_B``
+    (FFA-LoRA: Y. Sun et al., "Improving LoRA in Privacy-preserving Federated Learning",
+    ICLR 2024). ``client_ranks`` (e.g. ``"4,8,16"``) gives clients different LoRA ranks,
+    assigned round-robin by partition id unless a node config sets ``lora-rank``. The
+    server then aggregates in the space of ``ΔW = scaling * B @ A`` (FlexLoRA) and keeps
+    its global adapter at the largest rank. ``lora_r`` is the rank when ``client_ranks``
+    is empty. The two options cannot be combined, because FlexLoRA's SVD re-projection
+    changes ``lora_A`` every round.
     """
 
     name: str = "minilm-l6"
@@ -43,11 +57,27 @@ class ModelConfig:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     max_length: int = 192
+    train_head: bool = False
     max_new_tokens: int = 64
+    ffa_lora: bool = False
+    client_ranks: str = ""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", self.name, "a model alias, folder or hub id")
         _require(self.lora_r >= 1, "model.lora-r", self.lora_r, "an integer >= 1")
+        _require(
+            _parse_ranks(self.client_ranks) is not None,
+            "model.client-ranks",
+            self.client_ranks,
+            'comma-separated integers >= 1, e.g. "4,8,16" (empty: every client uses lora-r)',
+        )
+        _require(
+            not (self.ffa_lora and self.rank_list),
+            "model.ffa-lora",
+            self.ffa_lora,
+            "false when model.client-ranks is set (FFA-LoRA keeps lora_A frozen, FlexLoRA "
+            "re-projects it): drop one of the two",
+        )
         _require(self.lora_alpha > 0, "model.lora-alpha", self.lora_alpha, "a number > 0")
         _require(
             0.0 <= self.lora_dropout < 1.0, "model.lora-dropout", self.lora_dropout, "0 <= p < 1"
@@ -57,6 +87,24 @@ class ModelConfig:
             self.max_new_tokens >= 1, "model.max-new-tokens", self.max_new_tokens, "an integer >= 1"
         )
 
+    @property
+    def rank_list(self) -> tuple[int, ...]:
+        """Client ranks from ``client_ranks``; empty when every client uses ``lora_r``."""
+        return _parse_ranks(self.client_ranks) or ()
+
+    @property
+    def max_rank(self) -> int:
+        """Rank of the server's global adapter: the largest client rank, else ``lora_r``."""
+        return max(self.rank_list, default=self.lora_r)
+
+
+def _parse_ranks(text: str) -> tuple[int, ...] | None:
+    """Parse ``"4,8,16"`` into ``(4, 8, 16)``; ``None`` when the text is invalid."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(part.isdigit() and int(part) >= 1 for part in parts):
+        return None
+    return tuple(int(part) for part in parts)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -65,6 +113,9 @@ class DataConfig:
     ``dataset = "e2e"`` reads ``train-file`` from the E2E folder under ``data-dir``
     (downloading ``devset.csv`` when it is missing); ``dataset = "records"`` reads a JSONL
     or CSV file with the named source and text columns.
+
+    ``canary_repeats > 0`` plants ``canary_secret`` as the text of that many extra records
+    in partition ``canary_client``, for a memorisation audit (``fedads audit``).
     """
 
     data_dir: str = "data"
@@ -80,6 +131,9 @@ class DataConfig:
     test_fraction: float = 0.1
     max_examples_per_client: int = 0
     eval_sample: int = 24
+    canary_client: int = 0
+    canary_repeats: int = 0
+    canary_secret: str = ""
 
     def __post_init__(self) -> None:
         _require(self.dataset in ("e2e", "records"), "data.dataset", self.dataset, "e2e or records")
@@ -102,6 +156,19 @@ class DataConfig:
         )
         _require(self.eval_sample >= 1, "data.eval-sample", self.eval_sample, "an integer >= 1")
         _require(self.max_chars >= 1, "data.max-chars", self.max_chars, "an integer >= 1")
+        _require(self.canary_client >= 0, "data.canary-client", self.canary_client, ">= 0")
+        _require(
+            self.canary_repeats >= 0,
+            "data.canary-repeats",
+            self.canary_repeats,
+            "an integer >= 0 (0 plants no canary)",
+        )
+        _require(
+            self.canary_repeats == 0 or bool(self.canary_secret.strip()),
+            "data.canary-secret",
+            self.canary_secret,
+            "a non-empty text when data.canary-repeats > 0",
+        )
 
 
 @dataclass(frozen=True)
@@ -128,8 +195,20 @@ class PrivacyConfig:
 
     ``target_epsilon`` and ``target_delta`` are each client's budget for the whole run,
     composed over every round it takes part in. ``clipping_norm`` bounds each record's
-    gradient (L2). ``secure_mode`` draws noise from a cryptographically secure generator
-    and is forced on when ``production`` is true.
+    gradient (L2). ``accountant`` is ``"prv"`` or ``"rdp"``; a PRV request with
+    ``target_epsilon`` above ``PRV_MAX_EPSILON`` is served by RDP (see
+    :attr:`accountant_in_use`). ``secure_mode`` draws noise from a cryptographically secure
+    generator and is forced on when ``production`` is true.
+
+    ``scrub_pii`` replaces the PII kinds listed in ``scrub_kinds`` (comma-separated subset
+    of ``PII_KINDS``) in each client's records before tokenization. The replacement counts
+    stay in the client's log, unless ``report_pii_counts`` sends their total to the server,
+    where it is not covered by DP.
+
+    ``planned_rounds`` is the number of rounds each client's noise is calibrated for
+    (0: every round of the run). With ``server.fraction-train < 1`` a client joins only some
+    rounds, so planning for all of them would add more noise than needed; a client sampled
+    more often than planned declines the rounds that would pass its budget.
     """
 
     dp: bool = True
@@ -140,8 +219,18 @@ class PrivacyConfig:
     secure_mode: bool = False
     production: bool = False
     ledger_dir: str = ""
+    scrub_pii: bool = True
+    scrub_kinds: str = "email,phone,card,url"
+    report_pii_counts: bool = False
+    planned_rounds: int = 0
 
     def __post_init__(self) -> None:
+        _require(
+            self.planned_rounds >= 0,
+            "privacy.planned-rounds",
+            self.planned_rounds,
+            "an integer >= 0 (0: every round of the run)",
+        )
         _require(
             self.target_epsilon > 0 and math.isfinite(self.target_epsilon),
             "privacy.target-epsilon",
@@ -158,13 +247,57 @@ class PrivacyConfig:
             self.accountant,
             " or ".join(ACCOUNTANTS),
         )
+        kinds = [kind.strip() for kind in self.scrub_kinds.split(",") if kind.strip()]
+        _require(
+            all(kind in PII_KINDS for kind in kinds) and (bool(kinds) or not self.scrub_pii),
+            "privacy.scrub-kinds",
+            self.scrub_kinds,
+            f"a comma-separated subset of {','.join(PII_KINDS)} (set privacy.scrub-pii = false "
+            "to scrub nothing)",
+        )
         if self.production and not self.secure_mode:
             object.__setattr__(self, "secure_mode", True)
+
+    @property
+    def accountant_in_use(self) -> str:
+        """Accountant that composes ε: ``rdp`` replaces ``prv`` above ``PRV_MAX_EPSILON``."""
+        if self.accountant == "prv" and self.target_epsilon > PRV_MAX_EPSILON:
+            return "rdp"
+        return self.accountant
+
+    @property
+    def scrub_kind_set(self) -> frozenset[str]:
+        """PII kinds to replace, empty when ``scrub_pii`` is off."""
+        if not self.scrub_pii:
+            return frozenset()
+        return frozenset(kind.strip() for kind in self.scrub_kinds.split(",") if kind.strip())
+
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+WEIGHTINGS = ("examples", "uniform")
+ROBUST_RULES = ("none", "median", "trimmed-mean")
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Rounds, client sampling and server-side evaluation."""
+    """Rounds, client sampling, aggregation and server-side evaluation.
+
+    ``strategy`` picks the server update (``server.strategies``): ``fedavg``, ``fedprox``
+    (clients add ``proximal_mu / 2 * ||w - w_global||^2`` to each sample's loss),
+    ``fedadam``, ``fedyogi`` or ``fedadagrad`` (server optimizers with learning rate
+    ``server_learning_rate``, momentum ``beta_1``, second moment ``beta_2`` and
+    adaptivity ``tau``). ``weighting`` weighs client updates by example count or
+    equally. ``robust`` replaces the weighted mean by the coordinate-wise ``median`` or
+    ``trimmed-mean`` (dropping ``trim_fraction`` at each end), which ignore weights.
+    ``norm_bound > 0`` scales each client's update down to that L2 norm before
+    aggregation. Updates whose L2 distance from the adapter they were sent exceeds
+    ``max_update_norm``, or whose tensor data exceeds ``max_payload_bytes``, are rejected
+    (0 turns either check off). ``round_timeout`` (seconds) ends a round with the replies
+    received so far; the round aggregates when at least ``min_train_nodes`` updates are
+    valid. ``wire_dtype`` is the dtype of adapter tensors in both directions (aggregation
+    runs in float32; ``bfloat16`` needs the ml_dtypes package).
+    """
 
     num_rounds: int = 4
     fraction_train: float = 1.0
@@ -173,6 +306,19 @@ class ServerConfig:
     min_available_nodes: int = 2
     round_timeout: float = 3600.0
     eval_every: int = 2
+    strategy: str = "fedavg"
+    weighting: str = "examples"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    robust: str = "none"
+    trim_fraction: float = 0.1
+    norm_bound: float = 0.0
+    max_update_norm: float = 0.0
+    max_payload_bytes: int = 0
+    wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _require(self.num_rounds >= 1, "server.num-rounds", self.num_rounds, "an integer >= 1")
@@ -199,6 +345,53 @@ class ServerConfig:
         )
         _require(self.round_timeout > 0, "server.round-timeout", self.round_timeout, "> 0")
         _require(self.eval_every >= 0, "server.eval-every", self.eval_every, ">= 0 (0: never)")
+        _require(
+            self.strategy in STRATEGIES, "server.strategy", self.strategy, " or ".join(STRATEGIES)
+        )
+        _require(
+            self.weighting in WEIGHTINGS,
+            "server.weighting",
+            self.weighting,
+            " or ".join(WEIGHTINGS),
+        )
+        _require(self.proximal_mu >= 0, "server.proximal-mu", self.proximal_mu, ">= 0")
+        _require(
+            self.server_learning_rate > 0,
+            "server.server-learning-rate",
+            self.server_learning_rate,
+            "a number > 0",
+        )
+        _require(0.0 <= self.beta_1 < 1.0, "server.beta-1", self.beta_1, "0 <= beta < 1")
+        _require(0.0 <= self.beta_2 < 1.0, "server.beta-2", self.beta_2, "0 <= beta < 1")
+        _require(self.tau > 0, "server.tau", self.tau, "a number > 0")
+        _require(
+            self.robust in ROBUST_RULES, "server.robust", self.robust, " or ".join(ROBUST_RULES)
+        )
+        _require(
+            0.0 <= self.trim_fraction < 0.5,
+            "server.trim-fraction",
+            self.trim_fraction,
+            "0 <= f < 0.5 (fraction dropped at each end)",
+        )
+        _require(self.norm_bound >= 0, "server.norm-bound", self.norm_bound, ">= 0 (0: off)")
+        _require(
+            self.max_update_norm >= 0,
+            "server.max-update-norm",
+            self.max_update_norm,
+            ">= 0 (0: off)",
+        )
+        _require(
+            self.max_payload_bytes >= 0,
+            "server.max-payload-bytes",
+            self.max_payload_bytes,
+            ">= 0 (0: off)",
+        )
+        _require(
+            self.wire_dtype in WIRE_DTYPES,
+            "server.wire-dtype",
+            self.wire_dtype,
+            " or ".join(WIRE_DTYPES),
+        )
 
 
 @dataclass(frozen=True)

@@ -172,14 +172,23 @@ def lora_config(model: PreTrainedModel, cfg: ModelConfig) -> LoraConfig:
 def build_lora_model(cfg: ModelConfig, *, seed: int = 0) -> PeftModel:
     """Load the base model and wrap it with a fresh LoRA adapter (seeded initialization).
 
-    Only the LoRA matrices are trainable: frozen copies made by ``modules_to_save`` are
-    switched back off, so they never reach the optimizer or the wire.
+    The LoRA matrices are trainable. The copy of the BERT head transform made by
+    ``modules_to_save`` is trained too when ``cfg.train_head`` is set, and is then part of
+    the adapter payload; otherwise it stays frozen and never reaches the optimizer or wire.
+
+    With ``cfg.ffa_lora`` every ``lora_A`` stays frozen at the initialization drawn after
+    ``torch.manual_seed(seed)``, so processes that pass the same seed (with the same torch
+    and PEFT versions) hold identical ``lora_A`` matrices, and only ``lora_B`` is trained
+    and sent. :func:`common.adapter.frozen_lora_digest` lets the two sides check this.
     """
     base = load_base_model(cfg.name, dropout=0.0)
     torch.manual_seed(seed)
     model = get_peft_model(base, lora_config(base, cfg))
     for name, parameter in model.named_parameters():
-        if "lora_" not in name:
+        trained_head = cfg.train_head and "modules_to_save" in name
+        frozen_base = "lora_" not in name and not trained_head
+        frozen_lora_a = cfg.ffa_lora and ".lora_A." in name
+        if frozen_base or frozen_lora_a:
             parameter.requires_grad_(False)
     return model
 

@@ -1,7 +1,8 @@
-"""Round loop of the ServerApp: sample, train, aggregate, evaluate, checkpoint, record."""
+"""Round loop of the ServerApp: sample, train, validate and aggregate, evaluate, checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import sys
@@ -10,47 +11,83 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from tqdm.auto import tqdm
 
 from common.adapter import (
     Arrays,
-    arrays_to_record,
+    frozen_lora_digest,
     get_adapter_arrays,
-    payload_bytes,
-    record_to_arrays,
     save_adapter,
+    wire_numpy_dtype,
 )
 from common.config import RunConfig
 from common.model import build_lora_model, load_tokenizer
+from server.aggregation import GlobalAdapter, build_global_adapter
+from server.checkpoint import (
+    Checkpoint,
+    capture_rng,
+    config_differences,
+    drop_rounds_after,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from server.evaluate import ServerEvaluator
-from server.recorder import RunRecorder
+from server.nodes import (
+    Node,
+    discover_nodes,
+    sample_nodes,
+    servable_nodes,
+    sort_replies,
+    train_messages,
+    weighted_train_loss,
+)
+from server.recorder import ClientPrivacy, RunRecorder
 
 logger = logging.getLogger(__name__)
 
-
-def _split_replies(replies: list[Message]) -> tuple[list[Message], list[Message], list[str]]:
-    """Separate trained replies, declined replies and errors (as log-safe strings)."""
-    trained, declined, errors = [], [], []
-    for reply in replies:
-        if reply.has_error():
-            errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-            continue
-        metrics = reply.content["metrics"]
-        if int(metrics.get("declined", 0)):
-            declined.append(reply)
-        else:
-            trained.append(reply)
-    return trained, declined, errors
+# ---------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------
 
 
-def _client_id(reply: Message) -> str:
-    client = reply.content.get("client")
-    if client is not None and "client-id" in client:
-        return str(client["client-id"])
-    return f"node-{reply.metadata.src_node_id}"
+def _resume(
+    checkpoint: Checkpoint,
+    cfg: RunConfig,
+    strategy: GlobalAdapter,
+    recorder: RunRecorder,
+    sampler: random.Random,
+) -> None:
+    differing = config_differences(checkpoint.config, cfg.to_dict())
+    if differing:
+        raise ValueError(
+            f"the run folder {recorder.run_dir} contains a checkpoint of another config "
+            f"(differing keys: {', '.join(differing[:6])}): resume with the run's own "
+            "config.toml, or pass a new output folder to start a new run"
+        )
+    strategy.load_state(checkpoint.global_state, checkpoint.optimizer_state)
+    restore_rng(checkpoint.rng, sampler)
+    fields = {f.name for f in dataclasses.fields(ClientPrivacy)}
+    recorder.clients = {
+        client_id: ClientPrivacy(**{k: v for k, v in entry.items() if k in fields})
+        for client_id, entry in checkpoint.clients.items()
+    }
+    dropped = drop_rounds_after(recorder.metrics_path, checkpoint.server_round)
+    logger.info(
+        "resume: continuing after round %s of %s (strategy %s); dropped %s metrics lines "
+        "of a round that had no checkpoint",
+        checkpoint.server_round,
+        cfg.server.num_rounds,
+        checkpoint.strategy,
+        dropped,
+    )
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
 
 
 def run_rounds(
@@ -60,27 +97,31 @@ def run_rounds(
     *,
     evaluator_records: list | None = None,
 ) -> Arrays:
-    """Run ``cfg.server.num_rounds`` rounds of FedAvg over the adapter; return the final one.
+    """Run rounds up to ``cfg.server.num_rounds``; return the final global adapter.
 
+    When ``run_dir/checkpoint`` exists, the run continues after its round, with the
+    global state, optimizer state, generator states and privacy bookkeeping it holds.
     After every round the global adapter is saved in PEFT format under
-    ``run_dir/global_adapter``, one JSON line goes to ``metrics.jsonl`` and
-    ``privacy.json`` is rewritten. Server evaluation (loss, BLEU, ROUGE-L on held-out
-    records) runs every ``server.eval-every`` rounds and after the last round.
+    ``run_dir/global_adapter``, one JSON line goes to ``metrics.jsonl``,
+    ``privacy.json`` is rewritten and the checkpoint is replaced, in that order. Server
+    evaluation (loss, BLEU, ROUGE-L on held-out records) runs every
+    ``server.eval-every`` rounds and after the last round.
     """
-    random.seed(cfg.seed)  # Flower samples nodes with the random module
+    random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    sampler = random.Random(cfg.seed)
 
-    model = build_lora_model(cfg.model, seed=cfg.seed)
-    tokenizer = load_tokenizer(cfg.model.name)
-    arrays = get_adapter_arrays(model)
+    model = build_lora_model(
+        dataclasses.replace(cfg.model, lora_r=cfg.model.max_rank), seed=cfg.seed
+    )
+    strategy = build_global_adapter(get_adapter_arrays(model), cfg)
     recorder = RunRecorder(run_dir, cfg)
     evaluator = None
     if evaluator_records:
         evaluator = ServerEvaluator(
             model,
-            tokenizer,
+            load_tokenizer(cfg.model.name),
             evaluator_records,
             num_sources=cfg.data.eval_sample,
             max_length=cfg.model.max_length,
@@ -89,17 +130,33 @@ def run_rounds(
         )
     if not cfg.privacy.dp:
         logger.warning("run: differential privacy is OFF: client updates carry no DP guarantee")
+    wire_numpy_dtype(cfg.server.wire_dtype)  # fails now, not in round 1, if ml_dtypes is missing
 
-    strategy = FedAvg(
-        fraction_train=cfg.server.fraction_train,
-        fraction_evaluate=0.0,
-        min_train_nodes=cfg.server.min_train_nodes,
-        min_evaluate_nodes=0,
-        min_available_nodes=cfg.server.min_available_nodes,
-    )
-    num_rounds = cfg.server.num_rounds
+    start_round = 1
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is not None:
+        _resume(checkpoint, cfg, strategy, recorder, sampler)
+        start_round = checkpoint.server_round + 1
+        if start_round > cfg.server.num_rounds:
+            logger.info(
+                "resume: all %s rounds of %s are done, nothing to run; pass a new output "
+                "folder to start a new run",
+                cfg.server.num_rounds,
+                run_dir,
+            )
+
+    server = cfg.server
+    base_config: dict = {
+        "num-rounds": server.num_rounds,
+        "wire-dtype": server.wire_dtype,
+        **strategy.optimizer.client_config(),
+    }
+    if cfg.model.ffa_lora:
+        base_config["lora-a-digest"] = frozen_lora_digest(model)
+    known: dict[int, Node] = {}
+    warned: set[int] = set()
     progress = tqdm(
-        range(1, num_rounds + 1),
+        range(start_round, server.num_rounds + 1),
         desc="rounds",
         unit="round",
         disable=not sys.stderr.isatty(),
@@ -107,80 +164,93 @@ def run_rounds(
     for server_round in progress:
         started = time.perf_counter()
 
-        # Sample clients and send them the global adapter.
-        train_config = ConfigRecord({"num-rounds": num_rounds})
-        messages = list(
-            strategy.configure_train(server_round, arrays_to_record(arrays), train_config, grid)
+        # Sample clients and send each the global adapter at its rank.
+        nodes = servable_nodes(discover_nodes(grid, known, cfg), strategy, warned)
+        sampled = sample_nodes(nodes, cfg, sampler)
+        logger.info(
+            "configure_train: round %s: sampled %s of %s nodes",
+            server_round,
+            len(sampled),
+            len(nodes),
         )
-        bytes_down = payload_bytes(arrays) * len(messages)
-        replies = list(grid.send_and_receive(messages, timeout=cfg.server.round_timeout))
-        trained, declined, errors = _split_replies(replies)
-        for error in errors:
-            logger.warning("aggregate_train: round %s: reply failed (%s)", server_round, error)
-        for reply in [*trained, *declined]:
-            recorder.update_client(_client_id(reply), server_round, dict(reply.content["metrics"]))
-        bytes_up = sum(payload_bytes(record_to_arrays(r.content["arrays"])) for r in trained)
+        config = ConfigRecord({"server-round": server_round, **base_config})
+        messages, bytes_down = train_messages(sampled, strategy, config, server.wire_dtype)
+        replies = list(grid.send_and_receive(messages, timeout=server.round_timeout))
+        received = sort_replies(replies, sampled, server_round)
+        for client_id, metrics in [*received.trained_metrics.items(), *received.declined]:
+            recorder.update_client(client_id, server_round, metrics)
 
-        # Aggregate (weighted by num-examples) the replies that trained.
-        train_loss = None
-        if trained:
-            agg_arrays, agg_metrics = strategy.aggregate_train(server_round, trained)
-            if agg_arrays is not None:
-                arrays = record_to_arrays(agg_arrays)
-            if agg_metrics is not None:
-                train_loss = float(agg_metrics["train-loss"])
-        else:
-            logger.warning(
-                "aggregate_train: round %s: no client trained, keeping the previous adapter",
-                server_round,
-            )
+        # Validate and aggregate the updates; rejected ones are logged with their reason.
+        outcome = strategy.aggregate(received.updates, min_updates=server.min_train_nodes)
+        train_loss = weighted_train_loss(received.trained_metrics, outcome.accepted)
 
-        # Evaluate on held-out records and checkpoint the global adapter.
+        # Evaluate on held-out records and save the global adapter.
+        arrays = strategy.adapter()
         eval_metrics: dict[str, float] = {}
-        due = cfg.server.eval_every and (
-            server_round % cfg.server.eval_every == 0 or server_round == num_rounds
+        due = server.eval_every and (
+            server_round % server.eval_every == 0 or server_round == server.num_rounds
         )
         if evaluator is not None and due:
             eval_metrics = evaluator(arrays)
         save_adapter(model, arrays, run_dir / "global_adapter")
         recorder.write_privacy()
 
+        # Record the round, then checkpoint it: a crash in between reruns the round.
         max_epsilon = recorder.max_epsilon()
         row = {
             "round": server_round,
             "num_sampled": len(messages),
             "num_replies": len(replies),
-            "num_trained": len(trained),
-            "num_declined": len(declined),
-            "num_failed": len(errors) + max(0, len(messages) - len(replies)),
+            "num_trained": len(received.updates),
+            "num_accepted": len(outcome.accepted),
+            "num_rejected": len(outcome.rejected),
+            "num_declined": len(received.declined),
+            "num_failed": len(received.failures),
+            "num_replayed": sum(
+                int(m.get("replayed", 0)) for m in received.trained_metrics.values()
+            ),
+            "aggregated": outcome.applied,
             "train_loss": train_loss,
             "eval_loss": eval_metrics.get("eval-loss"),
             "bleu": eval_metrics.get("bleu"),
             "rouge_l": eval_metrics.get("rouge-l"),
             "max_epsilon": max_epsilon,
-            "bytes_up": bytes_up,
+            "bytes_up": received.bytes_up,
             "bytes_down": bytes_down,
             "round_time_s": time.perf_counter() - started,
         }
         recorder.append_round(row)
+        save_checkpoint(
+            run_dir,
+            Checkpoint(
+                server_round=server_round,
+                strategy=server.strategy,
+                global_state=strategy.state,
+                optimizer_state=strategy.optimizer.state_dict(),
+                config=cfg.to_dict(),
+                rng=capture_rng(sampler),
+                clients={cid: dataclasses.asdict(e) for cid, e in recorder.clients.items()},
+            ),
+        )
         logger.info(
-            "round %s/%s: sampled %s, trained %s, declined %s, failed %s | train_loss=%s "
-            "eval_loss=%s bleu=%s | max_epsilon=%s | bytes up=%s down=%s | %.1fs",
+            "round %s/%s: sampled %s, trained %s, rejected %s, declined %s, failed %s | "
+            "train_loss=%s eval_loss=%s bleu=%s | max_epsilon=%s | bytes up=%s down=%s | %.1fs",
             server_round,
-            num_rounds,
+            server.num_rounds,
             row["num_sampled"],
             row["num_trained"],
+            row["num_rejected"],
             row["num_declined"],
             row["num_failed"],
             _fmt(train_loss),
             _fmt(row["eval_loss"]),
             _fmt(row["bleu"]),
             _fmt(max_epsilon),
-            bytes_up,
+            received.bytes_up,
             bytes_down,
             row["round_time_s"],
         )
-    return arrays
+    return strategy.adapter()
 
 
 def _fmt(value: float | None) -> str:

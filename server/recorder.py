@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -10,7 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
+from common.config import ACCOUNTANTS, PII_KINDS, PRV_MAX_EPSILON, RunConfig
+
+logger = logging.getLogger(__name__)
+
+# TODO: read this from the run config once secure aggregation runs in the round loop;
+# until then the server receives every client's update unmasked.
+SECURE_AGGREGATION = False
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -45,6 +52,86 @@ class ClientPrivacy:
     steps: int = 0
     rounds_joined: list[int] = field(default_factory=list)
     declined_rounds: list[int] = field(default_factory=list)
+    accountant: str | None = None
+    secure_mode: bool | None = None
+    pii_replaced: int | None = None
+
+
+def not_protected(cfg: RunConfig | None = None) -> list[str]:
+    """List what a run with ``cfg`` leaves unprotected, as sentences for the report.
+
+    Without ``cfg`` the list contains the items that are true of every run.
+    """
+    items = [
+        (
+            "The set of clients that take part in each round, and the number of training "
+            "examples each one reports, are visible to the server. So are the rounds a "
+            "client declines."
+        ),
+        (
+            "The aggregate adapter of every round is visible to all participants, since each "
+            "sampled client receives it."
+        ),
+        (
+            "Per-client training metrics sent with each reply (loss, ε spent) are visible to "
+            "the server. The training loss is computed on private records without noise."
+        ),
+    ]
+    if cfg is None:
+        items.append(
+            "Unless the run used secure aggregation, the server sees each client's individual "
+            "adapter update. With record-level DP that update is noised, but it is not hidden."
+        )
+        return items
+
+    privacy = cfg.privacy
+    if not SECURE_AGGREGATION:
+        items.append(
+            "The run used no secure aggregation, so the server sees each client's individual "
+            "adapter update. With record-level DP that update is noised, but it is not hidden."
+        )
+    if not privacy.dp:
+        items.append(
+            "Differential privacy was off: nothing bounds what the adapters reveal about any "
+            "record, and the global adapter can memorise and repeat training text."
+        )
+    else:
+        items.append(
+            "The (ε, δ) guarantee covers one record. A person or business that appears in k "
+            "records of an advertiser is protected only at the weaker group level (about "
+            "k·ε), and an advertiser's data as a whole is not protected from the server."
+        )
+        if not privacy.secure_mode:
+            items.append(
+                "Secure mode was off: the DP noise came from a seeded, non-cryptographic "
+                "generator and is not hardened against floating-point attacks, which is fine "
+                "for experiments but not for a deployment."
+            )
+    kinds = sorted(privacy.scrub_kind_set)
+    if not kinds:
+        items.append(
+            "PII scrubbing was off: emails, phone numbers, card numbers and user URLs in the "
+            "records reached training."
+        )
+    else:
+        skipped = [kind for kind in PII_KINDS if kind not in kinds]
+        skipped_text = f" The kinds {', '.join(skipped)} were not scrubbed." if skipped else ""
+        items.append(
+            f"PII scrubbing ({', '.join(kinds)}) matches patterns only: names, street "
+            "addresses and PII in other formats reach training, where DP is the only "
+            f"protection.{skipped_text}"
+        )
+    if privacy.report_pii_counts:
+        items.append(
+            "Each client sends the server the exact number of PII values it replaced, a "
+            "statistic of its records that the DP guarantee does not cover."
+        )
+    if cfg.server.fraction_evaluate > 0:
+        items.append(
+            "Client-side evaluation losses are computed on private records without noise "
+            "and sent to the server."
+        )
+    return items
 
 
 @dataclass
@@ -57,6 +144,16 @@ class RunRecorder:
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        privacy = self.cfg.privacy
+        if privacy.dp and privacy.accountant_in_use != privacy.accountant:
+            logger.warning(
+                "privacy: privacy.accountant = %s is inaccurate above epsilon %s and "
+                "privacy.target-epsilon = %s, so clients compose epsilon with %s",
+                privacy.accountant,
+                PRV_MAX_EPSILON,
+                privacy.target_epsilon,
+                privacy.accountant_in_use,
+            )
 
     @property
     def metrics_path(self) -> Path:
@@ -75,6 +172,15 @@ class RunRecorder:
             entry.noise_multiplier = float(metrics["noise-multiplier"])
             entry.sample_rate = float(metrics["sample-rate"])
             entry.steps = int(metrics["total-steps"])
+        # Metric records carry numbers only, so the client sends its ledger's accountant as
+        # an index into ACCOUNTANTS.
+        if "accountant-id" in metrics:
+            index = int(metrics["accountant-id"])
+            entry.accountant = ACCOUNTANTS[index] if 0 <= index < len(ACCOUNTANTS) else None
+        if "secure-mode" in metrics:
+            entry.secure_mode = bool(int(metrics["secure-mode"]))
+        if "pii-replaced" in metrics:
+            entry.pii_replaced = int(metrics["pii-replaced"])
 
     def max_epsilon(self) -> float | None:
         if not self.cfg.privacy.dp or not self.clients:
@@ -89,31 +195,61 @@ class RunRecorder:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def write_privacy(self) -> Path:
-        """Rewrite ``privacy.json`` with the unit, accountant and per-client spending."""
+    def privacy_summary(self) -> dict[str, Any]:
+        """Privacy guarantee of the run and each client's spending, as in ``privacy.json``.
+
+        ``accountant`` is the one new ledgers use, while each client's entry names the
+        accountant of its own ledger, which keeps the one it was first written with.
+        """
         privacy = self.cfg.privacy
-        payload = {
+        accountant = privacy.accountant_in_use
+        note = None
+        if accountant != privacy.accountant:
+            note = (
+                f"{privacy.accountant} was requested, but it is inaccurate above ε ≈ "
+                f"{PRV_MAX_EPSILON:g} and the target ε is {privacy.target_epsilon:g}, so "
+                f"{accountant} (a looser upper bound) was used"
+            )
+        pii_totals = [e.pii_replaced for e in self.clients.values() if e.pii_replaced is not None]
+        return {
+            # TODO: add the advertiser unit once server-side DP (DP-FedAvg) is implemented.
             "unit": "record",
             "dp_enabled": privacy.dp,
-            "accountant": privacy.accountant,
+            "accountant": accountant,
+            "accountant_requested": privacy.accountant,
+            "accountant_note": note,
             "target_epsilon": privacy.target_epsilon,
             "delta": privacy.target_delta,
             "clipping_norm": privacy.clipping_norm,
-            "secure_mode": privacy.secure_mode,
+            "num_rounds": self.cfg.server.num_rounds,
+            "secure_mode": privacy.dp and privacy.secure_mode,
+            "production": privacy.production,
+            "secure_aggregation": SECURE_AGGREGATION,
+            "pii_scrubbing": {
+                "enabled": bool(privacy.scrub_kind_set),
+                "kinds": sorted(privacy.scrub_kind_set),
+                "counts_sent_to_server": privacy.report_pii_counts,
+                "replaced_total": sum(pii_totals) if pii_totals else None,
+            },
+            "not_protected": not_protected(self.cfg),
             "clients": {
                 client_id: {
                     "epsilon": entry.epsilon,
                     "delta": entry.delta,
-                    "accountant": privacy.accountant,
+                    "accountant": entry.accountant or accountant,
                     "noise_multiplier": entry.noise_multiplier,
                     "sample_rate": entry.sample_rate,
                     "steps": entry.steps,
                     "rounds_joined": entry.rounds_joined,
                     "declined_rounds": entry.declined_rounds,
+                    "secure_mode": entry.secure_mode,
                 }
                 for client_id, entry in sorted(self.clients.items())
             },
         }
+
+    def write_privacy(self) -> Path:
+        """Rewrite ``privacy.json`` with :meth:`privacy_summary`."""
         path = self.run_dir / "privacy.json"
-        write_json_atomic(path, payload)
+        write_json_atomic(path, self.privacy_summary())
         return path

@@ -23,12 +23,20 @@ from simulations.partition import (
 logger = logging.getLogger(__name__)
 
 
+CANARY_ORIGIN = "canary"
+
+
 @dataclass(frozen=True)
 class FederatedData:
-    """Client partitions of the training records and the test records held out by source."""
+    """Client partitions of the training records and the test records held out by source.
+
+    ``canary`` is the planted record (its source and secret text) when the config plants
+    one, else None.
+    """
 
     partitions: Partitioning
     test: tuple[AdRecord, ...]
+    canary: AdRecord | None = None
 
     @property
     def num_clients(self) -> int:
@@ -98,4 +106,42 @@ def federated_data(cfg: DataConfig, seed: int) -> FederatedData:
             ),
         )
     check_partitions(partitions)
-    return FederatedData(partitions=partitions, test=tuple(test))
+    canary = None
+    if cfg.canary_repeats:
+        partitions, canary = plant_canary(
+            partitions,
+            client=cfg.canary_client,
+            secret=cfg.canary_secret,
+            repeats=cfg.canary_repeats,
+        )
+    return FederatedData(partitions=partitions, test=tuple(test), canary=canary)
+
+
+def plant_canary(
+    partitions: Partitioning, *, client: int, secret: str, repeats: int
+) -> tuple[Partitioning, AdRecord]:
+    """Append ``repeats`` copies of a canary record to partition ``client``.
+
+    The canary's source is the source of that partition's first record, so the secret
+    appears in a context the advertiser's own data uses, and its text is ``secret``. This
+    is the insertion step of the exposure test of Carlini et al. (2019), "The Secret
+    Sharer". The copies go after the partition's records; DP-SGD samples records by
+    Poisson sampling and plain training shuffles them, so the position does not matter.
+    """
+    if not 0 <= client < len(partitions):
+        raise ValueError(
+            f"data.canary-client = {client} is out of range for {len(partitions)} clients: "
+            f"pick a partition index from 0 to {len(partitions) - 1}"
+        )
+    canary = AdRecord(source=partitions[client][0].source, text=secret, origin=CANARY_ORIGIN)
+    planted = tuple(
+        (*records, *([canary] * repeats)) if index == client else records
+        for index, records in enumerate(partitions)
+    )
+    logger.info(
+        "federated_data: planted a canary %s times in partition %s (%r)",
+        repeats,
+        client,
+        partitions.keys[client],
+    )
+    return Partitioning(partitions.keys, planted), canary

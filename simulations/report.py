@@ -13,6 +13,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from common.config import PRV_MAX_EPSILON
+from server.recorder import not_protected
+
 __all__ = ["load_metrics", "write_report"]
 
 logger = logging.getLogger(__name__)
@@ -27,10 +30,6 @@ REPORT_FILE = "report.md"
 _FLOAT_KEYS = ("train_loss", "eval_loss", "bleu", "rouge_l", "max_epsilon", "round_time_s")
 _COUNT_KEYS = ("num_sampled", "num_replies", "num_declined", "bytes_up", "bytes_down")
 
-# Opacus' PRV accountant loses accuracy above about this ε because of its discretisation
-# (Opacus issue #604, github.com/meta-pytorch/opacus).
-_PRV_ACCURATE_MAX_EPSILON = 10.0
-
 _UNIT_MEANINGS = {
     "record": (
         "Record-level DP at each advertiser. The (ε, δ) guarantee covers any one record of "
@@ -42,18 +41,6 @@ _UNIT_MEANINGS = {
         "entire data."
     ),
 }
-
-_NOT_PROTECTED = (
-    ("The set of clients that take part in each round, and the number of training examples "
-     "each one reports, are visible to the server. So are the rounds a client declines."),
-    ("The aggregate adapter of every round is visible to all participants, since each "
-     "sampled client receives it."),
-    ("Per-client training metrics sent with each reply (loss, ε spent) are visible to the "
-     "server."),
-    ("Unless the run used secure aggregation, the server sees each client's individual "
-     "adapter update. With record-level DP that update is noised, but it is not hidden."),
-)
-
 
 # ---------------------------------------------------------------------------
 # Loading and validation
@@ -219,6 +206,13 @@ def _fmt_rounds(rounds: Any) -> str:
     return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
 
 
+def _fmt_switch(value: Any) -> str:
+    """Format a setting that is on, off or unknown (missing from an older privacy.json)."""
+    if value is None:
+        return "n/a"
+    return "on" if value else "off"
+
+
 def _cell(text: str) -> str:
     """Escape a value for a Markdown table cell."""
     return text.replace("|", "\\|").replace("\n", " ")
@@ -371,6 +365,43 @@ def _plots_section(run_dir: Path, rows: Sequence[dict[str, Any]], privacy: dict[
     return lines
 
 
+def _privacy_settings(privacy: dict[str, Any]) -> list[str]:
+    """Render the run's privacy settings as a bullet list (n/a for keys older files lack)."""
+    accountant = privacy.get("accountant")
+    requested = privacy.get("accountant_requested")
+    accountant_text = f"`{_fmt(accountant)}`"
+    if requested is not None and requested != accountant:
+        accountant_text += f" (requested `{requested}`)"
+    scrubbing = privacy.get("pii_scrubbing")
+    if not isinstance(scrubbing, dict):
+        scrubbing_text = "n/a"
+    elif scrubbing.get("enabled"):
+        scrubbing_text = f"on ({', '.join(scrubbing.get('kinds') or [])})"
+        if scrubbing.get("counts_sent_to_server"):
+            total = scrubbing.get("replaced_total")
+            scrubbing_text += f", {_fmt(total)} replacements reported to the server"
+        else:
+            scrubbing_text += ", counts kept on the clients"
+    else:
+        scrubbing_text = "off"
+    lines = [
+        f"- unit: `{privacy['unit']}`",
+        f"- accountant: {accountant_text}",
+        f"- δ: {_fmt(privacy.get('delta'), '.1e')}",
+        f"- target ε: {_fmt(privacy.get('target_epsilon'), '.2f')}",
+        f"- clipping norm: {_fmt(privacy.get('clipping_norm'))}",
+        f"- rounds planned: {_fmt(privacy.get('num_rounds'))}",
+        f"- secure mode (cryptographic noise): {_fmt_switch(privacy.get('secure_mode'))}",
+        f"- secure aggregation: {_fmt_switch(privacy.get('secure_aggregation'))}",
+        f"- PII scrubbing: {scrubbing_text}",
+        "",
+    ]
+    note = privacy.get("accountant_note")
+    if isinstance(note, str) and note:
+        lines += [f"NOTE: {note}.", ""]
+    return lines
+
+
 def _privacy_section(privacy: dict[str, Any]) -> list[str]:
     unit = privacy["unit"]
     accountant = privacy.get("accountant")
@@ -383,13 +414,7 @@ def _privacy_section(privacy: dict[str, Any]) -> list[str]:
              "run gives no (ε, δ) guarantee and any ε below is not a privacy guarantee."),
             "",
         ]
-    lines += [
-        f"- unit: `{unit}`",
-        f"- accountant: `{_fmt(accountant)}`",
-        f"- δ: {_fmt(privacy.get('delta'), '.1e')}",
-        f"- target ε: {_fmt(target, '.2f')}",
-        "",
-    ]
+    lines += _privacy_settings(privacy)
     if unit in _UNIT_MEANINGS:
         lines += [_UNIT_MEANINGS[unit], ""]
 
@@ -403,6 +428,7 @@ def _privacy_section(privacy: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     over_prv_range = False
+    insecure_clients = []
     for client_id in sorted(clients):
         entry = clients[client_id]
         epsilon = entry.get("epsilon")
@@ -411,8 +437,10 @@ def _privacy_section(privacy: dict[str, Any]) -> list[str]:
             epsilon_text += " (over target)"
         client_accountant = entry.get("accountant") or accountant
         if (client_accountant == "prv" and _is_number(epsilon) and math.isfinite(epsilon)
-                and epsilon > _PRV_ACCURATE_MAX_EPSILON):
+                and epsilon > PRV_MAX_EPSILON):
             over_prv_range = True
+        if privacy.get("secure_mode") and entry.get("secure_mode") is False:
+            insecure_clients.append(client_id)
         cells = [
             client_id, epsilon_text, _fmt(entry.get("delta"), ".1e"), _fmt(client_accountant),
             _fmt(entry.get("noise_multiplier")), _fmt(entry.get("sample_rate")),
@@ -423,11 +451,25 @@ def _privacy_section(privacy: dict[str, Any]) -> list[str]:
     lines.append("")
     if over_prv_range:
         lines += [
-            (f"NOTE: the PRV accountant is inaccurate above ε ≈ {_PRV_ACCURATE_MAX_EPSILON:g}, "
+            (f"NOTE: the PRV accountant is inaccurate above ε ≈ {PRV_MAX_EPSILON:g}, "
              "so treat the larger ε values above as estimates."),
             "",
         ]
+    if insecure_clients:
+        lines += [
+            (f"NOTE: clients {', '.join(insecure_clients)} reported training without secure "
+             "mode, although the run asked for it."),
+            "",
+        ]
     return lines
+
+
+def _not_protected_section(privacy: dict[str, Any]) -> list[str]:
+    """Render what the run leaves unprotected, or the general list for older files."""
+    items = privacy.get("not_protected")
+    if not (isinstance(items, list) and all(isinstance(item, str) for item in items)):
+        items = not_protected()
+    return ["## What is not protected", "", *[f"- {item}" for item in items], ""]
 
 
 def _evaluation_section(evaluation: dict[str, Any] | None) -> list[str]:
@@ -500,9 +542,7 @@ def write_report(run_dir: Path) -> Path:
     lines += _plots_section(run_dir, rows, privacy)
     lines += _evaluation_section(evaluation)
     lines += _privacy_section(privacy)
-    lines += ["## What is not protected", ""]
-    lines += [f"- {item}" for item in _NOT_PROTECTED]
-    lines += [""]
+    lines += _not_protected_section(privacy)
     lines += _config_section(run_dir)
 
     report_path = run_dir / REPORT_FILE

@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from client.app import build_client_app
@@ -15,6 +16,7 @@ from common.data import AdRecord
 from common.model import load_tokenizer
 from common.text import encode_records
 from server.app import build_server_app
+from server.checkpoint import load_checkpoint
 from simulations.dataset import FederatedData, federated_data
 from simulations.report import load_metrics, write_report
 
@@ -56,23 +58,50 @@ def check_token_lengths(cfg: RunConfig, data: FederatedData) -> None:
     encode_records(tokenizer, data.test, max_length=cfg.model.max_length)
 
 
-def simulate(cfg: RunConfig, *, backend_config: dict | None = None) -> Path:
+def simulate(
+    cfg: RunConfig,
+    *,
+    backend_config: dict | None = None,
+    resume: bool = False,
+    client_app: ClientApp | None = None,
+) -> Path:
     """Run the federated simulation and write the run folder; return its path.
 
-    The folder holds ``config.toml``, ``metrics.jsonl``, ``privacy.json``,
-    ``global_adapter/``, ``heldout.csv``, ``report.md`` with its plots, and ``ledgers/``
-    (the clients' privacy ledgers, which in a deployment stay on each client's machine).
+    The folder contains ``config.toml``, ``metrics.jsonl``, ``privacy.json``,
+    ``global_adapter/``, ``checkpoint/``, ``heldout.csv``, ``report.md`` with its plots,
+    and ``ledgers/`` (the clients' privacy ledgers, which in a deployment stay on each
+    client's machine).
+
+    With ``resume``, ``cfg`` must be the run's own config (``RUN_DIR/config.toml``): the
+    server continues after the last checkpointed round, and clients whose round was cut
+    short re-send the update their ledger already counts (``client.release``).
+    ``client_app`` replaces the fedads ClientApp, e.g. to simulate failing clients.
     """
     cfg = prepare_run(cfg)
     run_dir = Path(cfg.output)
-    if (run_dir / "metrics.jsonl").exists():
+    if resume:
+        checkpoint = load_checkpoint(run_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"run folder {run_dir} has no checkpoint to resume from: start a new run "
+                "with --output instead"
+            )
+        logger.info(
+            "simulate: resuming %s after round %s of %s",
+            run_dir,
+            checkpoint.server_round,
+            cfg.server.num_rounds,
+        )
+    elif (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoint").exists():
         raise FileExistsError(
-            f"run folder {run_dir} already holds a run: pass a new --output folder"
+            f"run folder {run_dir} already contains a run: pass a new --output folder, or "
+            f"--resume {run_dir} to continue it"
         )
     data = federated_data(cfg.data, cfg.seed)
     check_token_lengths(cfg, data)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+    if not resume:
+        (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
     write_heldout(list(data.test), run_dir / HELDOUT_FILE)
     logger.info(
         "simulate: %s clients (%s to %s records), %s held-out records, %s rounds -> %s",
@@ -91,7 +120,7 @@ def simulate(cfg: RunConfig, *, backend_config: dict | None = None) -> Path:
     }
     run_simulation(
         server_app=build_server_app(cfg, test_records=list(data.test)),
-        client_app=build_client_app(cfg),
+        client_app=client_app or build_client_app(cfg),
         num_supernodes=data.num_clients,
         backend_config=backend,
     )

@@ -151,7 +151,8 @@ def test_ledger_composes_and_exhausted_client_declines(tmp_path, data_dir, tiny_
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["num_declined"] for r in rows] == [1, 1]
     assert [r["num_trained"] for r in rows] == [2, 2]
-    assert rows[1]["max_epsilon"] > rows[0]["max_epsilon"]
+    # The exhausted client's ε (far above the target) is the largest in every round.
+    assert rows[0]["max_epsilon"] == rows[1]["max_epsilon"] > 8.0
 
     privacy = json.loads((run_dir / "privacy.json").read_text())
     assert privacy["clients"]["client-000"]["declined_rounds"] == [1, 2]
@@ -160,6 +161,15 @@ def test_ledger_composes_and_exhausted_client_declines(tmp_path, data_dir, tiny_
     assert ledger["rounds_joined"] == [1, 2]
     # Two rounds compose to the planned budget, not to one round's ε.
     assert 7.5 < ledger["epsilon"] <= 8.0
+    first_round = PrivacyLedger.open(
+        tmp_path / "first.json",
+        client_id="client-001",
+        accountant="prv",
+        target_epsilon=8.0,
+        target_delta=1e-5,
+    )
+    first_round.events = [PrivacyEvent(**ledger["events"][0])]
+    assert first_round.epsilon() < ledger["epsilon"] - 1.0
     assert privacy["clients"]["client-001"]["epsilon"] == pytest.approx(ledger["epsilon"])
 
 

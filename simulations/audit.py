@@ -1,0 +1,415 @@
+"""Memorisation audit: exposure of a planted canary, with and without DP.
+
+The test follows Carlini et al. (2019), "The Secret Sharer: Evaluating and Testing
+Unintended Memorization in Neural Networks". A random secret of a fixed format (``"my
+voucher code is 482915"``) is planted ``repeats`` times in one advertiser's records. The
+same federated run is trained twice, once with the config's DP settings and once without
+DP as a control. Under each global adapter the secret's log-perplexity given its source
+and the format's prefix is ranked among ``candidates`` random codes of the same format
+that were never trained on. The exposure is ``log2(R) - log2(rank)`` for R candidates:
+about 0 when the secret is no more likely than a random code, and at most ``log2(R)``
+when it is the most likely of all.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from client.pii import scrub_text
+from client.runtime import scrub_config
+from common.config import ConfigError, RunConfig
+from common.text import encode_example
+
+logger = logging.getLogger(__name__)
+
+AUDIT_JSON = "audit.json"
+AUDIT_MD = "audit.md"
+CODE_FIELD = "{code}"
+# Stream label mixed into the run seed, so the secret and candidates do not reuse the
+# random numbers of the data split.
+_AUDIT_STREAM = 0x5EC12E7
+
+
+@dataclass(frozen=True)
+class CanaryFormat:
+    """A secret's format: ``template`` with ``{code}`` replaced by ``digits`` random digits."""
+
+    template: str = "my voucher code is {code}"
+    digits: int = 6
+
+    def __post_init__(self) -> None:
+        if self.template.count(CODE_FIELD) != 1:
+            raise ConfigError(
+                f"invalid canary format {self.template!r}: expected exactly one {CODE_FIELD} "
+                "where the random digits go, e.g. 'my voucher code is {code}'"
+            )
+        if not 1 <= self.digits <= 12:
+            raise ConfigError(f"invalid code digits {self.digits}: expected 1 to 12")
+
+    @property
+    def space(self) -> int:
+        """Number of possible codes, the size of the secret's randomness space."""
+        return 10**self.digits
+
+    def render(self, code: int) -> str:
+        return self.template.replace(CODE_FIELD, f"{code:0{self.digits}d}")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What the audit plants and how it ranks the secret.
+
+    Parameters
+    ----------
+    canary : CanaryFormat
+        Format of the secret and of the candidates.
+    repeats : int, default 20
+        Copies of the canary record planted in the advertiser's partition (k).
+    candidates : int, default 10000
+        Random codes the secret is ranked against (R); all other codes when R is at least
+        the size of the code space minus one. The exposure can't exceed ``log2(R)``.
+    canary_client : int, default 0
+        Partition index of the advertiser whose records contain the canary.
+    batch_size : int, default 256
+        Candidates scored per forward pass.
+    """
+
+    canary: CanaryFormat = CanaryFormat()
+    repeats: int = 20
+    candidates: int = 10_000
+    canary_client: int = 0
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ConfigError(f"invalid repeats {self.repeats}: expected an integer >= 1")
+        if self.candidates < 1:
+            raise ConfigError(f"invalid candidates {self.candidates}: expected an integer >= 1")
+        if self.canary_client < 0:
+            raise ConfigError(f"invalid canary client {self.canary_client}: expected >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"invalid batch size {self.batch_size}: expected >= 1")
+
+
+def draw_codes(space: int, candidates: int, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+    """Draw the secret code and ``candidates`` distinct other codes from ``range(space)``."""
+    secret = int(rng.integers(space))
+    count = min(candidates, space - 1)
+    others = rng.choice(space - 1, size=count, replace=False)  # codes other than the secret
+    others = others + (others >= secret)  # (R,) skip the secret's value
+    return secret, others.astype(np.int64)
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """Keyword of the key/value cache argument: ``cache`` from transformers 5 on."""
+    forward = model.get_base_model().forward if isinstance(model, PeftModel) else model.forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def log_perplexities(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 256,
+    max_length: int = 512,
+    show_progress: bool = False,
+) -> np.ndarray:
+    """Return ``-log2 P`` of each text's tokens after the prefix all texts share.
+
+    Each text is laid out as in training (``common.text.encode_example``) after the prompt
+    of ``source``. Tokens up to the longest common token prefix of all texts have the same
+    probability for every text, so only the tokens after it are scored. The shared prefix
+    runs once, and its key/value cache serves every batch, which makes scoring cost grow
+    with the few differing tokens rather than with the whole prompt. The end-of-text token
+    is not scored: the secret is the text, not where it stops.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(len(texts),)`` log-perplexities in bits; lower means more likely.
+    """
+    sequences = []
+    for text in texts:
+        example = encode_example(tokenizer, source, text, max_length=max_length)
+        sequences.append(list(example.input_ids[:-1]))  # drop the end-of-text token
+    shared = _common_prefix_length(sequences)
+    if shared < 1 or shared == min(len(s) for s in sequences):
+        raise ValueError(
+            "log_perplexities: the texts must share their prompt and differ after it, "
+            "e.g. one format filled with different codes"
+        )
+
+    model.eval()
+    device = next(model.parameters()).device
+    keyword = _cache_keyword(model)
+    # The last shared token predicts the first differing one, so it starts every tail.
+    context = torch.tensor([sequences[0][: shared - 1]], device=device)  # (1, shared-1)
+    output = model(input_ids=context, use_cache=True)
+    prefix_cache = getattr(output, "cache", None) or output.past_key_values
+
+    pad_id = int(tokenizer.pad_token_id or 0)
+    scores = np.empty(len(sequences), dtype=np.float64)
+    starts = range(0, len(sequences), batch_size)
+    for start in tqdm(starts, desc="scoring", unit="batch", disable=not show_progress):
+        tails = [s[shared - 1 :] for s in sequences[start : start + batch_size]]
+        width = max(len(t) for t in tails)
+        input_ids = torch.full((len(tails), width), pad_id, dtype=torch.long, device=device)
+        scored = torch.zeros((len(tails), width - 1), dtype=torch.bool, device=device)
+        for row, tail in enumerate(tails):
+            input_ids[row, : len(tail)] = torch.tensor(tail)
+            scored[row, : len(tail) - 1] = True
+        # Padding sits to the right of each tail, so causal attention keeps it out of the
+        # scored positions, and the mask can stay all ones.
+        attention_mask = torch.ones((len(tails), shared - 1 + width), dtype=torch.long)
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(tails))
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask.to(device),
+            use_cache=False,
+            **{keyword: cache},
+        ).logits  # (B, W, V)
+        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, W-1, V)
+        targets = input_ids[:, 1:].unsqueeze(-1)  # (B, W-1, 1)
+        token_log_probs = log_probs.gather(-1, targets).squeeze(-1) * scored  # (B, W-1)
+        nats = -token_log_probs.sum(dim=1)  # (B,)
+        scores[start : start + len(tails)] = nats.cpu().numpy() / math.log(2)
+    return scores
+
+
+def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for sequence in sequences[1:]:
+        position = 0
+        while position < length and sequence[position] == first[position]:
+            position += 1
+        length = position
+    return length
+
+
+def exposure(secret_score: float, candidate_scores: np.ndarray) -> tuple[int, float]:
+    """Rank of the secret (1 = most likely) among itself and the candidates, and its exposure.
+
+    Candidates with the same log-perplexity as the secret rank below it.
+    """
+    # TODO: estimate exposures beyond log2(R) by fitting a distribution to the candidates'
+    # log-perplexities, as Carlini et al. do, instead of ranking among R samples only.
+    rank = 1 + int(np.sum(candidate_scores < secret_score))
+    return rank, math.log2(len(candidate_scores)) - math.log2(rank)
+
+
+def _client_privacy(run_dir: Path, client_id: str) -> dict[str, Any]:
+    privacy = json.loads((run_dir / "privacy.json").read_text(encoding="utf-8"))
+    entry = privacy.get("clients", {}).get(client_id, {})
+    return {
+        "dp_enabled": privacy.get("dp_enabled"),
+        "epsilon": entry.get("epsilon") if privacy.get("dp_enabled") else None,
+        "delta": privacy.get("delta") if privacy.get("dp_enabled") else None,
+        "accountant": entry.get("accountant") if privacy.get("dp_enabled") else None,
+        "noise_multiplier": entry.get("noise_multiplier"),
+        "clipping_norm": privacy.get("clipping_norm"),
+        "secure_mode": privacy.get("secure_mode"),
+    }
+
+
+def score_run(
+    run_dir: Path, source: str, secret: str, candidates: Sequence[str], *, batch_size: int
+) -> dict[str, Any]:
+    """Rank ``secret`` among ``candidates`` under the global adapter of ``run_dir``."""
+    from common.inference import load_run_model
+
+    model, tokenizer, cfg = load_run_model(run_dir)
+    started = time.perf_counter()
+    scores = log_perplexities(
+        model,
+        tokenizer,
+        source,
+        [secret, *candidates],
+        batch_size=batch_size,
+        max_length=cfg.model.max_length,
+        show_progress=True,
+    )
+    rank, bits = exposure(float(scores[0]), scores[1:])
+    logger.info("audit: %s: rank %s of %s, exposure %.2f bits", run_dir.name, rank,
+                len(scores), bits)
+    return {
+        "run_dir": str(run_dir),
+        "rank": rank,
+        "exposure": bits,
+        "secret_log_perplexity": float(scores[0]),
+        "candidate_log_perplexity_median": float(np.median(scores[1:])),
+        "candidate_log_perplexity_min": float(np.min(scores[1:])),
+        "scoring_time_s": time.perf_counter() - started,
+    }
+
+
+def simulate_in_subprocess(cfg: RunConfig, config_path: Path) -> Path:
+    """Run ``fedads simulate`` on ``cfg`` in a new process and return the run folder.
+
+    Each simulation gets a process and a Ray cluster of its own, as from the command line:
+    a second simulation in the same process would reuse the first one's Ray state.
+    """
+    cfg = cfg.replace(data={"data_dir": str(Path(cfg.data.data_dir).resolve())})
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(cfg.to_toml(), encoding="utf-8")
+    command = [sys.executable, "-m", "common.cli", "simulate", "--config", str(config_path)]
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"audit: the simulation of {config_path} failed with exit code "
+            f"{result.returncode}: see its log above"
+        )
+    return Path(cfg.output)
+
+
+def run_audit(cfg: RunConfig, out_dir: str | Path, settings: AuditSettings) -> dict[str, Any]:
+    """Plant a canary, train a DP run and a non-DP control, and write the audit files.
+
+    Both runs use ``cfg`` (its model, data, rounds, training and seed) through ``fedads
+    simulate``, with fresh ledgers, so they take the same number of steps and differ only
+    in ``privacy.dp``. Writes ``dp/`` and ``control/`` run folders, ``audit.json`` and
+    ``audit.md`` under ``out_dir`` and returns the content of ``audit.json``.
+    """
+    from simulations.dataset import federated_data
+
+    out_dir = Path(out_dir).resolve()
+    if (out_dir / AUDIT_JSON).exists():
+        raise FileExistsError(f"{out_dir} already holds an audit: pass a new --output folder")
+    if not cfg.privacy.dp:
+        raise ConfigError(
+            "invalid privacy.dp = false: the audit compares the config's DP run with a "
+            "non-DP control, so turn DP on (drop --no-dp)"
+        )
+
+    # Draw the secret and the candidates, and check that PII scrubbing leaves them alone.
+    rng = np.random.default_rng([cfg.seed, _AUDIT_STREAM])
+    secret_code, candidate_codes = draw_codes(settings.canary.space, settings.candidates, rng)
+    secret = settings.canary.render(secret_code)
+    candidates = [settings.canary.render(int(code)) for code in candidate_codes]
+    kinds = cfg.privacy.scrub_kind_set
+    if kinds and scrub_text(secret, scrub_config(kinds))[0] != secret:
+        raise ConfigError(
+            f"canary format {settings.canary.template!r} with {settings.canary.digits} digits "
+            "is changed by PII scrubbing, so the model would never see the secret: choose "
+            "another format or fewer digits"
+        )
+
+    # Train the DP run and the control on the same data with the canary planted.
+    base = cfg.replace(
+        data={
+            "canary_client": settings.canary_client,
+            "canary_repeats": settings.repeats,
+            "canary_secret": secret,
+        },
+        privacy={"ledger_dir": ""},
+    )
+    canary = federated_data(base.data, base.seed).canary
+    assert canary is not None
+    runs = {
+        "dp": base.replace(output=str(out_dir / "dp")),
+        "control": base.replace(privacy={"dp": False}, output=str(out_dir / "control")),
+    }
+    client_id = f"client-{settings.canary_client:03d}"  # simulation ids, see client_identity
+    results: dict[str, Any] = {}
+    for name, run_cfg in runs.items():
+        logger.info("audit: training the %s run", name)
+        run_dir = simulate_in_subprocess(run_cfg, out_dir / f"{name}.toml")
+        results[name] = {
+            **score_run(run_dir, canary.source, secret, candidates,
+                        batch_size=settings.batch_size),
+            **_client_privacy(run_dir, client_id),
+        }
+
+    audit = {
+        "method": "exposure of a planted canary (Carlini et al. 2019, The Secret Sharer)",
+        "secret_format": settings.canary.template,
+        "code_digits": settings.canary.digits,
+        "code_space": settings.canary.space,
+        "secret": secret,
+        "repeats": settings.repeats,
+        "candidates": len(candidates),
+        "max_exposure": math.log2(len(candidates)),
+        "canary_client": settings.canary_client,
+        "canary_client_id": client_id,
+        "num_rounds": cfg.server.num_rounds,
+        "num_clients": cfg.data.num_clients,
+        "target_epsilon": cfg.privacy.target_epsilon,
+        "runs": results,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / AUDIT_JSON).write_text(json.dumps(audit, indent=2), encoding="utf-8")
+    (out_dir / AUDIT_MD).write_text(render_audit(audit), encoding="utf-8")
+    logger.info("audit: wrote %s and %s", out_dir / AUDIT_JSON, out_dir / AUDIT_MD)
+    return audit
+
+
+def _fmt(value: Any, spec: str = ".3g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def render_audit(audit: dict[str, Any]) -> str:
+    """Markdown page of an audit result (the content of ``audit.json``)."""
+    method = (
+        f"Method: {audit['method']}. The secret `{audit['secret']}` (format "
+        f"`{audit['secret_format']}`, {audit['code_digits']} random digits) was planted "
+        f"{audit['repeats']} times in the records of {audit['canary_client_id']}. Its "
+        f"log-perplexity under each global adapter was ranked among {audit['candidates']} "
+        "random codes of the same format that were never trained on."
+    )
+    definition = (
+        "Exposure = log2(R) - log2(rank), for R candidates. About 0 means the secret is no "
+        "more likely than a random code. The largest value this audit can show is "
+        f"log2(R) = {audit['max_exposure']:.2f} bits."
+    )
+    header = (
+        "| run | DP | ε | δ | accountant | noise multiplier | rank | exposure (bits) "
+        "| secret log-perplexity | median candidate log-perplexity |"
+    )
+    lines = ["# Memorisation audit", "", method, "", definition, "", header, "|---" * 10 + "|"]
+    for name in ("dp", "control"):
+        run = audit["runs"][name]
+        cells = [
+            "DP" if name == "dp" else "control",
+            "on" if run["dp_enabled"] else "off",
+            _fmt(run["epsilon"], ".2f"),
+            _fmt(run["delta"], ".1e"),
+            run["accountant"] or "n/a",
+            _fmt(run["noise_multiplier"]),
+            str(run["rank"]),
+            f"{run['exposure']:.2f}",
+            f"{run['secret_log_perplexity']:.2f}",
+            f"{run['candidate_log_perplexity_median']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    same_config = (
+        f"Both runs used the same config ({audit['num_clients']} clients, "
+        f"{audit['num_rounds']} rounds, target ε {audit['target_epsilon']:g}) and the same "
+        "number of steps, and differ only in DP. ε is the canary client's."
+    )
+    caveat = (
+        "NOTE: the exposure is estimated from R sampled candidates, so it says how far the "
+        "secret stands out among them, not its rank among all codes."
+    )
+    lines += ["", same_config, "", caveat, ""]
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""A Flower Grid that runs a ClientApp in the test process, for driving the round loop.
+
+Messages go straight to ``ClientApp.__call__`` with one persistent ``Context`` per node,
+as Flower's simulation engine does, but without Ray or serialization. Test clients can
+fail (no reply, as after a round timeout) and the grid can stop the server after a
+given round's replies arrived, as a crash would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import handle_query, handle_train
+from client.runtime import client_identity
+from common.adapter import arrays_to_record, from_wire, record_to_arrays, to_wire
+from common.config import RunConfig
+
+
+class ServerStopped(RuntimeError):
+    """Raised by :class:`LocalGrid` to stop the server after the chosen round."""
+
+
+class LocalGrid(Grid):
+    """Deliver messages to ``client_app`` in this process.
+
+    Parameters
+    ----------
+    client_app : ClientApp
+        The app every node runs.
+    num_nodes : int
+        Nodes with partition ids ``0 .. num_nodes - 1``.
+    node_id_offset : int
+        Node ids are ``offset + 7919 * (num_nodes - partition_id)``, so they are not in
+        partition order, and another offset gives a restarted federation new node ids.
+    silent : set of int
+        Partition ids that never reply to train messages (lost or too slow).
+    stop_after_round : int or None
+        Raise :class:`ServerStopped` once the clients replied to this round.
+    node_configs : mapping of int to dict
+        Extra node config entries by partition id (e.g. ``lora-rank``).
+    """
+
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        *,
+        node_id_offset: int = 1000,
+        silent: Iterable[int] = (),
+        stop_after_round: int | None = None,
+        on_message: Callable[[Message], None] | None = None,
+        node_configs: Mapping[int, dict] | None = None,
+    ) -> None:
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = 1
+        TaskIdentity.node_id = 0
+        self.client_app = client_app
+        self.silent = set(silent)
+        self.stop_after_round = stop_after_round
+        self.on_message = on_message
+        self.partitions = {
+            node_id_offset + 7919 * (num_nodes - pid): pid for pid in range(num_nodes)
+        }
+        self.contexts = {
+            node_id: Context(
+                run_id=1,
+                node_id=node_id,
+                node_config={
+                    "partition-id": pid,
+                    "num-partitions": num_nodes,
+                    **(node_configs or {}).get(pid, {}),
+                },
+                state=RecordDict(),
+                run_config={},
+            )
+            for node_id, pid in self.partitions.items()
+        }
+        self.sent: list[Message] = []
+
+    def set_run(self, run) -> None:  # pragma: no cover - not used by the round loop
+        raise NotImplementedError
+
+    @property
+    def run(self):  # pragma: no cover - not used by the round loop
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.partitions)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        replies = []
+        server_round = None
+        for message in messages:
+            self.sent.append(message)
+            if self.on_message is not None:
+                self.on_message(message)
+            node_id = message.metadata.dst_node_id
+            is_train = message.metadata.message_type == "train"
+            if is_train:
+                server_round = int(message.content["config"]["server-round"])
+                if self.partitions[node_id] in self.silent:
+                    continue
+            try:
+                replies.append(self.client_app(message, self.contexts[node_id]))
+            except Exception as err:  # noqa: BLE001 - Flower turns any ClientApp error into an error reply
+                replies.append(Message(Error(code=0, reason=repr(err)), reply_to=message))
+        if server_round is not None and server_round == self.stop_after_round:
+            raise ServerStopped(f"server stopped after round {server_round} replies")
+        return replies
+
+
+# A transformation a test client applies to its honest update before sending it; it may
+# also raise to make the client fail.
+Behaviour = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def synthetic_client_app(
+    cfg: RunConfig,
+    *,
+    behaviours: Mapping[int, Behaviour] | None = None,
+    replies: dict[tuple[int, int], dict[str, np.ndarray]] | None = None,
+) -> ClientApp:
+    """ClientApp that speaks the fedads protocol but trains by adding a seeded step.
+
+    The real :func:`client.app.handle_query` replies to queries. A train message's
+    adapter comes back as ``received + 0.01 * N(0, 1)`` (seeded by partition id and
+    round), cast to the requested wire dtype, with ``num-examples = 10 + partition id``.
+    ``behaviours[partition_id]`` turns the honest update into a hostile one or raises;
+    ``replies[(partition_id, round)]`` collects what each client sent, in float32.
+    """
+    app = ClientApp()
+    behaviours = dict(behaviours or {})
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context, cfg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = msg.content["config"]
+        partition_id = int(context.node_config["partition-id"])
+        server_round = int(config["server-round"])
+        received = from_wire(record_to_arrays(msg.content.array_records["arrays"]))
+        rng = np.random.default_rng([partition_id, server_round])
+        update = {
+            name: value + 0.01 * rng.standard_normal(value.shape).astype(np.float32)
+            for name, value in sorted(received.items())
+        }
+        if partition_id in behaviours:
+            update = behaviours[partition_id](update, received)
+        # Honest tensors travel in the wire dtype; a hostile dtype is sent as it is.
+        wire = {
+            name: to_wire({name: value}, str(config["wire-dtype"]))[name]
+            if value.dtype == np.float32
+            else value
+            for name, value in update.items()
+        }
+        if replies is not None:
+            replies[(partition_id, server_round)] = from_wire(wire)
+        metrics = MetricRecord(
+            {"num-examples": 10 + partition_id, "train-loss": 1.0, "declined": 0}
+        )
+        content = RecordDict(
+            {
+                "arrays": arrays_to_record(wire),
+                "metrics": metrics,
+                "client": ConfigRecord({"client-id": client_identity(context)}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+def wrapped_client_app(cfg: RunConfig, behaviours: Mapping[int, Behaviour]) -> ClientApp:
+    """The fedads ClientApp, except that the partitions in ``behaviours`` tamper with updates.
+
+    A tampering client trains for real, then sends ``behaviour(update, received)`` (float32
+    tensors, cast back to the wire dtype) instead of its update, or fails if it raises.
+    """
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context, cfg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = handle_train(msg, context, cfg)
+        behaviour = behaviours.get(int(context.node_config["partition-id"]))
+        if behaviour is None:
+            return reply
+        received = from_wire(record_to_arrays(msg.content.array_records["arrays"]))
+        update = from_wire(record_to_arrays(reply.content.array_records["arrays"]))
+        tampered = behaviour(update, received)
+        reply.content["arrays"] = arrays_to_record(
+            to_wire(tampered, str(msg.content["config"]["wire-dtype"]))
+        )
+        return reply
+
+    return app
+
+
+def nan_update(update: dict[str, np.ndarray], received: dict[str, np.ndarray]) -> dict:
+    """Hostile behaviour: one NaN in the first tensor."""
+    name = min(update)
+    update[name] = update[name].copy()
+    update[name].flat[0] = np.nan
+    return update
+
+
+def crash(update: dict[str, np.ndarray], received: dict[str, np.ndarray]) -> dict:
+    """Failing behaviour: the client raises instead of replying."""
+    raise RuntimeError("client crashed while training")

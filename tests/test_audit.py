@@ -1,0 +1,207 @@
+"""Memorisation audit: canary planting, candidate scoring, exposure and a real DP audit."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import ConfigError, ModelConfig, RunConfig
+from common.model import build_lora_model, load_tokenizer
+from common.text import encode_example
+from simulations.audit import (
+    AuditSettings,
+    CanaryFormat,
+    draw_codes,
+    exposure,
+    log_perplexities,
+    render_audit,
+    run_audit,
+)
+from simulations.dataset import federated_data
+
+SOURCE = "name[The Eagle], eatType[coffee shop], food[French]"
+
+
+def test_canary_format_renders_zero_padded_code():
+    fmt = CanaryFormat("my voucher code is {code}", digits=6)
+    assert fmt.render(42) == "my voucher code is 000042"
+    assert fmt.space == 1_000_000
+    with pytest.raises(ConfigError, match="exactly one"):
+        CanaryFormat("no code here")
+    with pytest.raises(ConfigError, match="exactly one"):
+        CanaryFormat("{code} and {code}")
+    with pytest.raises(ConfigError, match="code digits 0"):
+        CanaryFormat(digits=0)
+
+
+def test_audit_settings_validate():
+    with pytest.raises(ConfigError, match="repeats 0"):
+        AuditSettings(repeats=0)
+    with pytest.raises(ConfigError, match="candidates 0"):
+        AuditSettings(candidates=0)
+
+
+def test_draw_codes_excludes_secret():
+    rng = np.random.default_rng(0)
+    secret, candidates = draw_codes(1_000_000, 5_000, rng)
+    assert 0 <= secret < 1_000_000
+    assert len(candidates) == 5_000
+    assert len(set(candidates.tolist())) == 5_000
+    assert secret not in set(candidates.tolist())
+    assert candidates.min() >= 0
+    assert candidates.max() < 1_000_000
+
+
+def test_draw_codes_takes_all_when_space_is_small():
+    secret, candidates = draw_codes(100, 10_000, np.random.default_rng(1))
+    assert sorted(candidates.tolist() + [secret]) == list(range(100))
+
+
+def test_exposure_from_rank():
+    candidates = np.array([5.0, 6.0, 7.0, 8.0])
+    assert exposure(1.0, candidates) == (1, pytest.approx(2.0))  # most likely of 4: log2(4)
+    assert exposure(6.5, candidates) == (3, pytest.approx(2.0 - math.log2(3)))
+    assert exposure(9.0, candidates) == (5, pytest.approx(2.0 - math.log2(5)))
+    assert exposure(6.0, candidates)[0] == 2  # a tie ranks below the secret
+
+
+def test_log_perplexities_match_full_forward():
+    torch.manual_seed(0)
+    model = build_lora_model(ModelConfig(), seed=0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)  # a non-trivial adapter
+    tokenizer = load_tokenizer("minilm-l6")
+    fmt = CanaryFormat()
+    texts = [fmt.render(code) for code in (482915, 0, 999999, 123456, 777001)]
+
+    scores = log_perplexities(model, tokenizer, SOURCE, texts, batch_size=2)
+
+    # Reference: one full forward per text, scoring the tokens after the shared prefix.
+    prefix = encode_example(tokenizer, SOURCE, "my voucher code is", max_length=192)
+    shared = len(prefix.input_ids) - 1  # drop the end-of-text token
+    model.eval()
+    for text, score in zip(texts, scores, strict=True):
+        ids = torch.tensor([encode_example(tokenizer, SOURCE, text, max_length=192).input_ids[:-1]])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        token_log_probs = log_probs.gather(-1, ids[0, 1:, None])[:, 0]  # (T-1,)
+        expected = -float(token_log_probs[shared - 1 :].sum()) / math.log(2)
+        assert score == pytest.approx(expected, rel=1e-4)
+    assert len(set(scores.tolist())) == len(texts)
+
+
+def test_log_perplexities_need_differing_texts():
+    model = build_lora_model(ModelConfig(), seed=0)
+    tokenizer = load_tokenizer("minilm-l6")
+    with pytest.raises(ValueError, match="differ after it"):
+        log_perplexities(model, tokenizer, SOURCE, ["same text", "same text"])
+
+
+def test_canary_planted_in_one_partition(data_dir):
+    base = RunConfig().replace(
+        data={"data_dir": str(data_dir), "num_clients": 3, "max_examples_per_client": 10}
+    )
+    planted = base.replace(
+        data={"canary_client": 1, "canary_repeats": 7, "canary_secret": "my code is 123456"}
+    )
+    clean = federated_data(base.data, 0)
+    data = federated_data(planted.data, 0)
+
+    assert clean.canary is None
+    assert data.canary is not None
+    assert data.canary.text == "my code is 123456"
+    assert data.canary.source == clean.partitions[1][0].source
+    assert data.partitions.sizes == [10, 17, 10]
+    assert sum(r.text == "my code is 123456" for r in data.partitions[1]) == 7
+    assert data.partitions[0] == clean.partitions[0]
+    assert data.test == clean.test
+
+    out_of_range = base.replace(data={"canary_client": 3, "canary_repeats": 1,
+                                      "canary_secret": "x 1"})  # fmt: skip
+    with pytest.raises(ValueError, match="data.canary-client = 3 is out of range for 3"):
+        federated_data(out_of_range.data, 0)
+
+
+def test_audit_rejects_scrubbed_format_and_no_dp(tmp_path):
+    # "0" and 10 more digits form a UK phone number, which scrubbing replaces.
+    phone_like = AuditSettings(canary=CanaryFormat("call 0{code}", digits=10), candidates=10)
+    with pytest.raises(ConfigError, match="changed by PII scrubbing"):
+        run_audit(RunConfig(), tmp_path / "a", phone_like)
+    with pytest.raises(ConfigError, match="privacy.dp = false"):
+        run_audit(RunConfig().replace(privacy={"dp": False}), tmp_path / "b", AuditSettings())
+
+
+def test_render_audit_lists_both_runs():
+    run = {
+        "dp_enabled": True,
+        "epsilon": 7.99,
+        "delta": 1e-5,
+        "accountant": "prv",
+        "noise_multiplier": 0.8,
+        "rank": 190,
+        "exposure": 2.4,
+        "secret_log_perplexity": 38.7,
+        "candidate_log_perplexity_median": 42.6,
+    }
+    control = run | {
+        "dp_enabled": False,
+        "epsilon": None,
+        "delta": None,
+        "accountant": None,
+        "noise_multiplier": 0.0,
+        "rank": 1,
+        "exposure": 9.97,
+        "secret_log_perplexity": 3.6,
+    }
+    audit = {"method": "exposure", "secret": "my voucher code is 401314",
+             "secret_format": "my voucher code is {code}", "code_digits": 6, "repeats": 16,
+             "canary_client_id": "client-000", "candidates": 1000, "max_exposure": 9.97,
+             "num_clients": 2, "num_rounds": 1, "target_epsilon": 8.0,
+             "runs": {"dp": run, "control": control}}  # fmt: skip
+    text = render_audit(audit)
+    assert "| DP | on | 7.99 | 1.0e-05 | prv | 0.8 | 190 | 2.40 | 38.70 | 42.60 |" in text
+    assert "| control | off | n/a | n/a | n/a | 0 | 1 | 9.97 | 3.60 | 42.60 |" in text
+    assert "planted 16 times in the records of client-000" in text
+    assert "log2(R) = 9.97 bits" in text
+
+
+@pytest.mark.slow
+def test_dp_run_exposes_secret_less_than_control(tmp_path, data_dir):
+    # Two real simulations of 2 advertisers for 1 round, 16 records each plus 16 canary
+    # copies. Without DP, 8 steps at a learning rate of 0.01 make the secret the most
+    # likely of 1,001 codes. With DP at ε = 8 it stays among the random codes.
+    cfg = RunConfig().replace(
+        model={"max_new_tokens": 8},
+        data={"data_dir": str(data_dir), "num_clients": 2, "max_examples_per_client": 16,
+              "eval_sample": 1},
+        train={"batch_size": 8, "local_epochs": 2.0, "learning_rate": 0.01},
+        server={"num_rounds": 1},
+    )  # fmt: skip
+    settings = AuditSettings(repeats=16, candidates=1000)
+
+    audit = run_audit(cfg, tmp_path / "audit", settings)
+
+    dp, control = audit["runs"]["dp"], audit["runs"]["control"]
+    assert control["rank"] <= 3
+    assert control["exposure"] > audit["max_exposure"] - 1.6
+    assert dp["exposure"] < control["exposure"] - 4.0
+    assert control["secret_log_perplexity"] < control["candidate_log_perplexity_median"] - 10
+    assert dp["dp_enabled"] is True
+    assert control["dp_enabled"] is False
+    assert 7.5 < dp["epsilon"] <= 8.0
+    assert control["epsilon"] is None
+
+    written = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert written["runs"]["dp"]["rank"] == dp["rank"]
+    assert written["repeats"] == 16
+    assert written["candidates"] == 1000
+    assert written["secret"].startswith("my voucher code is ")
+    assert (tmp_path / "audit" / "audit.md").read_text().startswith("# Memorisation audit")
+    assert (tmp_path / "audit" / "dp" / "global_adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "audit" / "control" / "privacy.json").is_file()

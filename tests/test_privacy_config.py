@@ -1,0 +1,244 @@
+"""Privacy settings: accountant choice at high ε, PII scrubbing keys, secure mode."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import types
+
+import opacus.optimizers.optimizer
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import BertConfig, BertLMHeadModel
+
+from client.ledger import PrivacyEvent, PrivacyLedger
+from client.pii import KINDS
+from client.runtime import check_secure_mode, ledger_accountant
+from client.train import train_local
+from common.cli import build_parser, config_from_args
+from common.config import PII_KINDS, ConfigError, ModelConfig, PrivacyConfig, RunConfig, TrainConfig
+from common.model import lora_config
+from common.text import IGNORE_INDEX, EncodedExample
+
+
+def test_privacy_defaults():
+    privacy = PrivacyConfig()
+    assert privacy.accountant == "prv"
+    assert privacy.accountant_in_use == "prv"
+    assert privacy.scrub_pii is True
+    assert privacy.scrub_kind_set == frozenset({"email", "phone", "card", "url"})
+    assert privacy.report_pii_counts is False
+    assert privacy.secure_mode is False
+
+
+def test_pii_kinds_match_scrubber():
+    assert set(PII_KINDS) == set(KINDS)
+
+
+@pytest.mark.parametrize(
+    "accountant, target_epsilon, expected",
+    [
+        ("prv", 8.0, "prv"),
+        ("prv", 10.0, "prv"),
+        ("prv", 10.5, "rdp"),
+        ("rdp", 4.0, "rdp"),
+        ("rdp", 30.0, "rdp"),
+    ],
+)
+def test_accountant_in_use(accountant, target_epsilon, expected):
+    privacy = PrivacyConfig(accountant=accountant, target_epsilon=target_epsilon)
+    assert privacy.accountant_in_use == expected
+    assert privacy.accountant == accountant  # the request stays as written
+
+
+def test_prv_above_ten_switches_with_warning(caplog, tmp_path):
+    privacy = PrivacyConfig(accountant="prv", target_epsilon=12.0)
+    ledger_accountant.cache_clear()  # it warns once per process and config
+    with caplog.at_level(logging.WARNING, logger="client.runtime"):
+        accountant = ledger_accountant(privacy)
+    assert accountant == "rdp"
+    assert "composing epsilon with rdp instead" in caplog.text
+
+    # A new ledger opened the way the ClientApp opens it composes with RDP.
+    ledger = PrivacyLedger.open(
+        tmp_path / "c1.json",
+        client_id="c1",
+        accountant=accountant,
+        target_epsilon=privacy.target_epsilon,
+        target_delta=privacy.target_delta,
+    )
+    sigma = ledger.calibrate(sample_rate=0.1, planned_steps=50)
+    ledger.record_round(1, PrivacyEvent(sigma, 0.1, 50))
+    assert ledger.accountant == "rdp"
+    assert ledger.epsilon() == pytest.approx(12.0, rel=0.01)
+
+
+def test_accountant_below_ten_logs_nothing(caplog):
+    with caplog.at_level(logging.WARNING, logger="client.runtime"):
+        assert ledger_accountant(PrivacyConfig(target_epsilon=9.5)) == "prv"
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("kinds", ["email,ssn", "", " , "])
+def test_invalid_scrub_kinds_rejected(kinds):
+    with pytest.raises(ConfigError, match="privacy.scrub-kinds"):
+        RunConfig.from_dict({"privacy": {"scrub-kinds": kinds}})
+
+
+def test_scrubbing_off_selects_no_kinds():
+    cfg = RunConfig.from_dict({"privacy": {"scrub-pii": False, "scrub-kinds": ""}})
+    assert cfg.privacy.scrub_kind_set == frozenset()
+    partial = RunConfig.from_dict({"privacy": {"scrub-kinds": "email, url"}})
+    assert partial.privacy.scrub_kind_set == frozenset({"email", "url"})
+
+
+def test_canary_needs_secret():
+    with pytest.raises(ConfigError, match="data.canary-secret"):
+        RunConfig.from_dict({"data": {"canary-repeats": 3}})
+    with pytest.raises(ConfigError, match="data.canary-repeats = -1"):
+        RunConfig.from_dict({"data": {"canary-repeats": -1, "canary-secret": "code 1"}})
+    cfg = RunConfig.from_dict({"data": {"canary-repeats": 3, "canary-secret": "code 123"}})
+    assert cfg.data.canary_repeats == 3
+
+
+def test_privacy_flags_reach_config():
+    args = build_parser().parse_args(
+        ["simulate", "--accountant", "rdp", "--production", "--no-scrub-pii"]
+    )
+    cfg = config_from_args(args)
+    assert cfg.privacy.accountant == "rdp"
+    assert cfg.privacy.production is True
+    assert cfg.privacy.secure_mode is True
+    assert cfg.privacy.scrub_pii is False
+    default = config_from_args(build_parser().parse_args(["simulate"]))
+    assert default.privacy.production is False
+    assert default.privacy.scrub_pii is True
+
+
+def test_production_config_yields_secure_mode(tmp_path):
+    cfg = RunConfig.from_dict({"privacy": {"production": True}})
+    assert cfg.privacy.secure_mode is True
+    path = tmp_path / "run.toml"
+    path.write_text(cfg.to_toml(), encoding="utf-8")
+    assert RunConfig.from_toml(path).privacy.secure_mode is True
+
+
+# --- secure mode in a real DP step --------------------------------------------------------
+
+
+def _tiny_lora_bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=97,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        is_decoder=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    base = BertLMHeadModel(config)
+    for parameter in base.parameters():
+        parameter.requires_grad_(False)
+    model = get_peft_model(base, lora_config(base, ModelConfig(lora_r=2, lora_alpha=4)))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    return model
+
+
+def _examples(count: int = 12) -> list[EncodedExample]:
+    generator = torch.Generator().manual_seed(3)
+    examples = []
+    for _ in range(count):
+        ids = tuple(int(i) for i in torch.randint(5, 97, (10,), generator=generator))
+        examples.append(EncodedExample(input_ids=ids, labels=(IGNORE_INDEX,) * 4 + ids[4:]))
+    return examples
+
+
+def test_secure_mode_check_names_missing_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchcsprng", None)  # import fails as if not installed
+    with pytest.raises(RuntimeError, match="privacy.production = true needs .*torchcsprng"):
+        check_secure_mode(PrivacyConfig(production=True))
+    check_secure_mode(PrivacyConfig())  # secure mode off: nothing to check
+    check_secure_mode(PrivacyConfig(dp=False, production=True))  # no DP noise at all
+
+
+def test_production_step_without_csprng_fails(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchcsprng", None)
+    with pytest.raises(ImportError, match="torchcsprng"):
+        train_local(
+            _tiny_lora_bert(),
+            _examples(),
+            train=TrainConfig(batch_size=4),
+            privacy=PrivacyConfig(production=True),
+            noise_multiplier=1.0,
+            pad_token_id=0,
+            seed=0,
+            steps=1,
+        )
+
+
+def test_simulate_production_fails_before_training(monkeypatch, capsys, tmp_path):
+    from common.cli import main
+
+    monkeypatch.setitem(sys.modules, "torchcsprng", None)
+    code = main(
+        ["simulate", "--production", "--data-dir", str(tmp_path), "--output", str(tmp_path / "run")]
+    )
+    assert code == 1
+    assert "torchcsprng" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_dp_step_runs_in_secure_mode(monkeypatch):
+    # torchcsprng does not install for this Python and torch, so a stand-in module returns
+    # a generator seeded from os.urandom. This checks the wiring: Opacus gets
+    # secure_mode=True, draws every noise tensor from the secure generator through its
+    # hardened sampler, and no seeded generator reaches it.
+    secure_generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    devices = []
+
+    def create_random_device_generator(device: str) -> torch.Generator:
+        devices.append(device)
+        return secure_generator
+
+    stand_in = types.ModuleType("torchcsprng")
+    stand_in.create_random_device_generator = create_random_device_generator  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchcsprng", stand_in)
+
+    noise_calls = []
+    generate_noise = opacus.optimizers.optimizer._generate_noise
+
+    def spy(std, reference, generator=None, secure_mode=False):
+        noise_calls.append((generator, secure_mode))
+        return generate_noise(std, reference, generator=generator, secure_mode=secure_mode)
+
+    monkeypatch.setattr(opacus.optimizers.optimizer, "_generate_noise", spy)
+
+    model = _tiny_lora_bert()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = train_local(
+        model,
+        _examples(),
+        train=TrainConfig(batch_size=4, learning_rate=1e-2),
+        privacy=RunConfig.from_dict({"privacy": {"production": True}}).privacy,
+        noise_multiplier=1.0,
+        pad_token_id=0,
+        seed=0,
+        steps=2,
+    )
+
+    assert result.steps == 2
+    assert devices == ["/dev/urandom"]
+    num_lora_tensors = len(before)
+    assert len(noise_calls) == 2 * num_lora_tensors  # one noise tensor per parameter per step
+    assert all(secure for _, secure in noise_calls)
+    assert all(generator is secure_generator for generator, _ in noise_calls)
+    changed = [
+        n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])
+    ]
+    assert len(changed) == num_lora_tensors
