@@ -10,16 +10,14 @@ import types
 import opacus.optimizers.optimizer
 import pytest
 import torch
-from peft import get_peft_model
-from transformers import BertConfig, BertLMHeadModel
+from tiny_models import tiny_lora_bert
 
 from client.ledger import PrivacyEvent, PrivacyLedger
 from client.pii import KINDS
 from client.runtime import check_secure_mode, ledger_accountant
 from client.train import train_local
 from common.cli import build_parser, config_from_args
-from common.config import PII_KINDS, ConfigError, ModelConfig, PrivacyConfig, RunConfig, TrainConfig
-from common.model import lora_config
+from common.config import PII_KINDS, ConfigError, PrivacyConfig, RunConfig, TrainConfig
 from common.text import IGNORE_INDEX, EncodedExample
 
 
@@ -128,28 +126,6 @@ def test_production_config_yields_secure_mode(tmp_path):
 # --- secure mode in a real DP step --------------------------------------------------------
 
 
-def _tiny_lora_bert() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=97,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        is_decoder=True,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    base = BertLMHeadModel(config)
-    for parameter in base.parameters():
-        parameter.requires_grad_(False)
-    model = get_peft_model(base, lora_config(base, ModelConfig(lora_r=2, lora_alpha=4)))
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_("lora_" in name)
-    return model
-
-
 def _examples(count: int = 12) -> list[EncodedExample]:
     generator = torch.Generator().manual_seed(3)
     examples = []
@@ -171,7 +147,7 @@ def test_production_step_without_csprng_fails(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchcsprng", None)
     with pytest.raises(ImportError, match="torchcsprng"):
         train_local(
-            _tiny_lora_bert(),
+            tiny_lora_bert(random_lora_b=False),
             _examples(),
             train=TrainConfig(batch_size=4),
             privacy=PrivacyConfig(production=True),
@@ -219,7 +195,7 @@ def test_dp_step_runs_in_secure_mode(monkeypatch):
 
     monkeypatch.setattr(opacus.optimizers.optimizer, "_generate_noise", spy)
 
-    model = _tiny_lora_bert()
+    model = tiny_lora_bert(random_lora_b=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     result = train_local(
         model,

@@ -5,41 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from opacus import GradSampleModule
-from peft import get_peft_model
-from transformers import BertConfig, BertLMHeadModel
+from tiny_models import tiny_lora_bert
 
 from client.train import PerSampleCausalLoss, ProximalTerm, backward_batch, train_local
-from common.config import ModelConfig, PrivacyConfig, TrainConfig
-from common.model import lora_config
+from common.config import PrivacyConfig, TrainConfig
 from common.text import IGNORE_INDEX, EncodedExample
 
 MU = 0.7
-
-
-def tiny_lora_bert(seed: int = 0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=97,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        is_decoder=True,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    base = BertLMHeadModel(config)
-    for parameter in base.parameters():
-        parameter.requires_grad_(False)
-    model = get_peft_model(base, lora_config(base, ModelConfig(lora_r=2, lora_alpha=4)))
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_("lora_" in name)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
-    return model
 
 
 def random_batch(batch_size=4, length=10, vocab=97, seed=1):

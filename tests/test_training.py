@@ -7,40 +7,12 @@ import random
 import pytest
 import torch
 from opacus import GradSampleModule
-from peft import get_peft_model
-from transformers import BertConfig, BertLMHeadModel
+from tiny_models import tiny_lora_bert
 
 from client.train import PerSampleCausalLoss, train_local
 from common.config import ModelConfig, PrivacyConfig, TrainConfig
-from common.model import build_lora_model, is_lora_key, lora_config
+from common.model import build_lora_model, is_lora_key
 from common.text import IGNORE_INDEX, EncodedExample
-
-
-def _tiny_lora_bert(seed: int = 0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=97,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        is_decoder=True,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    base = BertLMHeadModel(config)
-    for parameter in base.parameters():
-        parameter.requires_grad_(False)
-    model = get_peft_model(base, lora_config(base, ModelConfig(lora_r=2, lora_alpha=4)))
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_("lora_" in name)
-    # PEFT starts lora_B at zero; give it values so every LoRA matrix has a gradient.
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1)
-    return model
 
 
 def _random_batch(batch_size=4, length=10, vocab=97, seed=1):
@@ -55,7 +27,7 @@ def _random_batch(batch_size=4, length=10, vocab=97, seed=1):
 
 
 def test_per_sample_loss_matches_each_sample_alone():
-    model = _tiny_lora_bert()
+    model = tiny_lora_bert()
     loss_module = PerSampleCausalLoss(model).eval()
     input_ids, attention_mask, labels = _random_batch()
     batched = loss_module(input_ids, attention_mask, labels)
@@ -66,7 +38,7 @@ def test_per_sample_loss_matches_each_sample_alone():
 
 
 def test_per_sample_gradients_sum_to_batch_gradient():
-    model = _tiny_lora_bert()
+    model = tiny_lora_bert()
     input_ids, attention_mask, labels = _random_batch()
 
     # Batch gradient of the summed loss, by plain autograd.
@@ -160,7 +132,7 @@ def test_non_dp_training_lowers_loss():
 
 
 def test_empty_partition_is_rejected():
-    model = _tiny_lora_bert()
+    model = tiny_lora_bert()
     with pytest.raises(ValueError, match="empty partition"):
         train_local(
             model,
