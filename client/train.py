@@ -90,7 +90,7 @@ class EncodedDataset(Dataset):
 
 @dataclass(frozen=True)
 class LocalTrainResult:
-    """What one round of local training did."""
+    """Summary of one round of local training."""
 
     num_examples: int
     steps: int

@@ -312,7 +312,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     check_secure_mode(cfg.privacy)
     if not cfg.privacy.dp:
-        logger.warning("simulate: --no-dp: clients train without differential privacy")
+        logger.warning("simulate: privacy.dp is off: clients train without differential privacy")
     run_dir = simulate(cfg, resume=args.resume is not None)
     print(f"run folder: {run_dir}")
     print(f"report:     {run_dir / 'report.md'}")

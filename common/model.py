@@ -45,7 +45,7 @@ _TARGETS: dict[str, str | list[str]] = {
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """Where a model name points: a local folder, or a hub id to download."""
+    """Location of a model: a local folder, or a hub id to download."""
 
     name: str
     location: str

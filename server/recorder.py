@@ -43,7 +43,7 @@ def _finite_or_none(value: Any) -> Any:
 
 @dataclass
 class ClientPrivacy:
-    """What the server knows of one client's privacy spending (reported by the client)."""
+    """Privacy spending of one client, as the client reported it."""
 
     epsilon: float = 0.0
     delta: float = 0.0
