@@ -17,9 +17,8 @@ under-counts it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 from flwr.app import Message
 
 from common.adapter import Arrays
+from common.atomic import write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -65,17 +65,9 @@ def save_release(path: Path, release: Release) -> None:
     }
     arrays = {f"adapter/{name}": value for name, value in release.arrays.items()}
     arrays["meta"] = np.array(json.dumps(meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_release(path: Path) -> Release | None:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from common.adapter import Arrays
+from common.atomic import write_bytes_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_VERSION = 1
@@ -237,14 +238,6 @@ def drop_rounds_after(metrics_path: Path, server_round: int) -> int:
             seen.add(row_round)
     dropped = len([line for line in lines if line.strip()]) - len(kept)
     if dropped:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{metrics_path.name}-", dir=metrics_path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write("".join(line + "\n" for line in kept))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, metrics_path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        text = "".join(line + "\n" for line in kept)
+        write_bytes_atomic(metrics_path, text.encode("utf-8"))
     return dropped

@@ -6,11 +6,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.atomic import write_bytes_atomic
 from common.config import ACCOUNTANTS, PII_KINDS, PRV_MAX_EPSILON, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -22,17 +22,8 @@ SECURE_AGGREGATION = False
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to a temporary file and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    text = json.dumps(payload, indent=2, sort_keys=True)
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _finite_or_none(value: Any) -> Any:
