@@ -263,7 +263,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Loss of the received adapter on this client's records.
 
     NOTE: this loss is computed on private records without noise, so it is not covered by
-    the DP guarantee; the server only asks for it when ``server.fraction-evaluate > 0``.
+    the DP guarantee; the server only requests it when ``server.fraction-evaluate > 0``.
     """
     examples, pad_token_id = load_client_examples(cfg, context)
     model = load_model(rank_config(cfg, client_rank(cfg, context)))

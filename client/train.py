@@ -37,7 +37,7 @@ class PerSampleCausalLoss(nn.Module):
         if hasattr(base, "cls"):
             # BERT decoder: the transform (dense, GELU, LayerNorm) runs on the full (B, T, H)
             # batch, so it keeps per-sample gradients when it is trained; only the frozen
-            # vocabulary projection sees the gathered target positions.
+            # vocabulary projection receives the gathered target positions.
             transform, decoder = base.cls.predictions.transform, base.cls.predictions.decoder
         else:
             transform, decoder = nn.Identity(), base.get_output_embeddings()

@@ -120,7 +120,7 @@ def frozen_lora_digest(model: torch.nn.Module) -> str:
 def save_adapter(model: PeftModel, arrays: Mapping[str, np.ndarray], out_dir: str | Path) -> Path:
     """Save the adapter in PEFT format, replacing ``out_dir`` atomically.
 
-    The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` and loads with
+    The folder contains ``adapter_config.json`` and ``adapter_model.safetensors`` and loads with
     ``PeftModel.from_pretrained``. It is written to a temporary sibling first and renamed,
     so a crash never leaves a half-written adapter under ``out_dir``.
     """

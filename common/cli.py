@@ -20,13 +20,8 @@ DEFAULT_DATA_DIR = "data"
 MAIN_CONFIG = Path(__file__).resolve().parent.parent / "simulations" / "configs" / "main.toml"
 
 
-def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "simulate",
-        help="run a federated DP-LoRA simulation and write a run folder",
-        description="Run a Flower simulation in which every advertiser trains a LoRA adapter "
-        "with DP-SGD and the server aggregates the adapters with FedAvg.",
-    )
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and ``--data-dir``, shared by every command that starts runs."""
     p.add_argument(
         "--config",
         type=Path,
@@ -38,6 +33,16 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         help="folder with e2e/devset.csv or the records file; missing E2E files are "
         f"downloaded (default: $FEDADS_DATA_DIR or ./{DEFAULT_DATA_DIR})",
     )
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="run a federated DP-LoRA simulation and write a run folder",
+        description="Run a Flower simulation in which every advertiser trains a LoRA adapter "
+        "with DP-SGD and the server aggregates the adapters with FedAvg.",
+    )
+    _add_config_flags(p)
     p.add_argument("--output", help="run folder to create (default: runs/<timestamp>)")
     p.add_argument("--num-rounds", type=int, help="federated rounds")
     p.add_argument("--num-clients", type=int, help="number of simulated advertisers")
@@ -163,16 +168,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
         "among random candidates under each global adapter (exposure, Carlini et al. 2019). "
         "Writes audit.json, audit.md and both run folders.",
     )
-    p.add_argument(
-        "--config",
-        type=Path,
-        help="TOML run config; flags override its values (default: the main job, "
-        "simulations/configs/main.toml)",
-    )
-    p.add_argument(
-        "--data-dir",
-        help=f"folder with the dataset (default: $FEDADS_DATA_DIR or ./{DEFAULT_DATA_DIR})",
-    )
+    _add_config_flags(p)
     p.add_argument("--output", help="audit folder to create (default: audits/<timestamp>)")
     p.add_argument("--num-rounds", type=int, help="federated rounds of each run")
     p.add_argument("--num-clients", type=int, help="number of simulated advertisers")

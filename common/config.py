@@ -20,8 +20,8 @@ else:  # pragma: no cover
 ACCOUNTANTS = ("prv", "rdp")
 PARTITIONERS = ("column", "iid", "dirichlet")
 PII_KINDS = ("email", "phone", "card", "url")
-# Above about this ε, the discretisation in Opacus' PRV accountant fails or loses accuracy
-# for many sample rates and step counts (github.com/meta-pytorch/opacus, issue 604).
+# Above about this ε, the discretisation in Opacus' PRV accountant (1.6) fails or loses
+# accuracy for many sample rates and step counts, so RDP composes ε there instead.
 PRV_MAX_EPSILON = 10.0
 
 

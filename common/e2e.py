@@ -168,7 +168,7 @@ def ensure_e2e_file(
     ------
     FileNotFoundError
         If the file is missing and cannot be downloaded (no URL, ``download=False``, no
-        network, HTTP error or timeout). The message says where it was looked for, the URL
+        network, HTTP error or timeout). The message names where it was looked for, the URL
         and the folder to put it in.
     ValueError
         If the downloaded file does not match the expected SHA-256 digest. The partial

@@ -74,7 +74,7 @@ class CanaryFormat:
 
 @dataclass(frozen=True)
 class AuditSettings:
-    """What the audit plants and how it ranks the secret.
+    """Settings of the canary audit: what it plants and how it ranks the secret.
 
     Parameters
     ----------
@@ -295,7 +295,7 @@ def run_audit(cfg: RunConfig, out_dir: str | Path, settings: AuditSettings) -> d
 
     out_dir = Path(out_dir).resolve()
     if (out_dir / AUDIT_JSON).exists():
-        raise FileExistsError(f"{out_dir} already holds an audit: pass a new --output folder")
+        raise FileExistsError(f"{out_dir} already contains an audit: pass a new --output folder")
     if not cfg.privacy.dp:
         raise ConfigError(
             "invalid privacy.dp = false: the audit compares the config's DP run with a "

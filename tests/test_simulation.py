@@ -125,7 +125,8 @@ def test_evaluate_writes_scores(two_client_run):
     assert scores["num_sources"] == 3
     assert 0 <= scores["bleu"] <= 100
     assert 0 <= scores["slot_error_rate"] <= 1
-    assert "BLEU" in result.stdout and "slot error rate" in result.stdout
+    assert "BLEU" in result.stdout
+    assert "slot error rate" in result.stdout
 
 
 def test_ledger_composes_and_exhausted_client_declines(tmp_path, data_dir, tiny_config):
