@@ -208,6 +208,15 @@ def backward_batch(
     return per_sample
 
 
+def make_optimizer(params: Sequence[nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+    """The local optimizer that ``train.optimizer`` names."""
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=train.learning_rate, momentum=train.momentum, weight_decay=train.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+
+
 def train_local(
     model: nn.Module,
     examples: Sequence[EncodedExample],
@@ -241,7 +250,7 @@ def train_local(
     loss_module.train()
     params = [p for p in loss_module.parameters() if p.requires_grad]
     proximal = ProximalTerm(params, mu=proximal_mu) if proximal_mu > 0 else None
-    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    optimizer = make_optimizer(params, train)
     loader = DataLoader(
         dataset,
         batch_size=min(train.batch_size, num_examples),

@@ -19,6 +19,7 @@ else:  # pragma: no cover
 
 ACCOUNTANTS = ("prv", "rdp")
 PARTITIONERS = ("column", "iid", "dirichlet")
+OPTIMIZERS = ("adamw", "sgd")
 PII_KINDS = ("email", "phone", "card", "url")
 # Above about this ε, the discretisation in Opacus' PRV accountant (1.6) fails or loses
 # accuracy for many sample rates and step counts, so RDP composes ε there instead.
@@ -173,12 +174,20 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Local training on each client (one optimizer per round, AdamW)."""
+    """Local training on each client, with a fresh optimizer every round.
+
+    ``optimizer`` is ``adamw`` or ``sgd`` (with ``momentum``). Under DP-SGD, plain SGD
+    moves each coordinate by the noisy gradient itself, while AdamW rescales every
+    coordinate to a step of about ``learning_rate`` whatever its signal-to-noise ratio, so
+    the noise-dominated coordinates random-walk.
+    """
 
     local_epochs: float = 0.5
     batch_size: int = 32
     learning_rate: float = 3e-3
     weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    momentum: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.local_epochs > 0, "train.local-epochs", self.local_epochs, "a number > 0")
@@ -187,6 +196,10 @@ class TrainConfig:
             self.learning_rate > 0, "train.learning-rate", self.learning_rate, "a number > 0"
         )
         _require(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, ">= 0")
+        _require(
+            self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, " or ".join(OPTIMIZERS)
+        )
+        _require(0 <= self.momentum < 1, "train.momentum", self.momentum, "0 <= momentum < 1")
 
 
 @dataclass(frozen=True)

@@ -158,3 +158,48 @@ def test_encoded_example_masks_prompt():
     assert example.labels[-1] == tokenizer.sep_token_id
     with pytest.raises(ValueError, match="over model.max-length = 5"):
         encode_example(tokenizer, "name[Aromi]", "Aromi is nice.", max_length=5, origin="f.csv:3")
+
+
+def _tiny_examples(count=6, length=9):
+    generator = torch.Generator().manual_seed(3)
+    examples = []
+    for _ in range(count):
+        ids = torch.randint(5, 97, (length,), generator=generator).tolist()
+        labels = [IGNORE_INDEX] * 3 + ids[3:]
+        examples.append(EncodedExample(input_ids=tuple(ids), labels=tuple(labels)))
+    return examples
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_step_is_learning_rate_times_mean_gradient(momentum):
+    from client.train import EncodedDataset, _trim
+
+    examples = _tiny_examples()
+    model = tiny_lora_bert()
+    dataset = EncodedDataset(examples, pad_token_id=0)
+    batch = _trim(tuple(torch.stack(column) for column in zip(*(dataset[i] for i in range(6)))))
+    PerSampleCausalLoss(model)(*batch).mean().backward()
+    expected = {
+        n: (p - 0.5 * p.grad).detach() for n, p in model.named_parameters() if p.requires_grad
+    }
+    model.zero_grad(set_to_none=True)
+    train_local(
+        model,
+        examples,
+        train=TrainConfig(batch_size=6, learning_rate=0.5, optimizer="sgd", momentum=momentum),
+        privacy=PrivacyConfig(dp=False),
+        noise_multiplier=0.0,
+        pad_token_id=0,
+        seed=0,
+        steps=1,
+    )
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.detach(), expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_optimizer_is_rejected():
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        TrainConfig(optimizer="lamb")
