@@ -4,20 +4,20 @@ Sources:
 
 - DP-FedAvg: H. B. McMahan, D. Ramage, K. Talwar, L. Zhang, "Learning Differentially
   Private Recurrent Language Models", ICLR 2018. Each sampled client's update
-  ``Δ_i`` (its adapter minus the adapter it was sent) is clipped to L2 norm ``C``, the
+  ``Δ_i`` (its adapter minus the adapter it was sent) is clipped to L2 norm ``C``. The
   clipped updates are summed and divided by the fixed number ``m`` of sampled clients
-  (equal weights), and Gaussian noise of standard deviation ``z * C / m`` is added. Adding
-  or removing one advertiser moves that mean by at most ``C / m``, so the round is a
-  subsampled Gaussian mechanism with noise multiplier ``z``, and the guarantee covers all
+  (equal weights), and Gaussian noise of standard deviation ``z * C / m`` is added.
+  Adding or removing one advertiser moves that mean by at most ``C / m``, so the round is
+  a subsampled Gaussian mechanism with noise multiplier ``z``. The guarantee covers all
   of one advertiser's data.
 - Adaptive clipping: G. Andrew, O. Thakkar, H. B. McMahan, S. Ramaswamy, "Differentially
   Private Learning with Adaptive Clipping", NeurIPS 2021. Each client contributes the bit
   ``b_i = 1[||Δ_i|| <= C_t]``. The server releases ``b = (Σ b_i + N(0, σ_b²)) / n`` over
   the ``n`` aggregated updates and sets ``C_{t+1} = C_t * exp(-η (b - γ))``, which moves
   ``C`` towards the ``γ`` quantile of the update norms. The bit sum has sensitivity 1/2
-  after centring, so the two releases together cost what one Gaussian mechanism with
-  multiplier ``z`` costs when the update noise uses
-  ``z_Δ = (z^-2 - (2 σ_b)^-2)^(-1/2)`` (their Theorem 1), which needs ``z < 2 σ_b``.
+  after centring. So the two releases together cost what one Gaussian mechanism with
+  multiplier ``z`` costs when the update noise uses ``z_Δ = (z^-2 - (2 σ_b)^-2)^(-1/2)``,
+  which needs ``z < 2 σ_b``.
 
 Accounting: every round that aggregates is one step of an Opacus accountant (RDP or PRV)
 with noise multiplier ``z`` and sample rate ``q = sampled / available clients``. The
@@ -57,9 +57,11 @@ import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.config import AdvertiserDPConfig, ConfigError, RunConfig
+from common.config import PRV_MAX_EPSILON, AdvertiserDPConfig, ConfigError, RunConfig
 
-try:  # Flower >= 1.21 moved the helpers to supercore
+# NOTE: only the supercore location (Flower 1.42) is tested; older releases had these
+# helpers in flwr.common.differential_privacy.
+try:
     from flwr.supercore.differential_privacy import (
         compute_adaptive_noise_params,
         compute_stdv,
@@ -75,8 +77,8 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "AdvertiserDP",
     "RoundSampling",
-    "add_noise_share",
     "adapt_clipping_norm",
+    "add_noise_share",
     "calibrate_noise_multiplier",
     "clip_update",
     "gaussian_noise",
@@ -118,8 +120,8 @@ def gaussian_noise(
     """Draw float64 noise ``N(0, stddev²)`` of ``shape``.
 
     With ``rng=None`` the uniforms come from the operating system's CSPRNG (``os.urandom``)
-    and pass through Box-Muller, and four such draws are summed and halved, as Opacus'
-    secure mode does against floating-point attacks on a single sample.
+    and pass through Box-Muller. Four such draws are summed and halved, as Opacus (1.6)
+    does in secure mode against floating-point attacks on a single Gaussian sample.
     """
     if rng is not None:
         return rng.normal(0.0, stddev, size=shape)
@@ -240,7 +242,7 @@ class RoundSampling:
 
 @dataclass(frozen=True)
 class RoundRelease:
-    """What one round released: the clipping norm it used, noise and noised bit fraction."""
+    """Public record of one round: its clipping norm, noise and noised unclipped fraction."""
 
     server_round: int
     clipping_norm: float
@@ -345,6 +347,15 @@ class AdvertiserDP:
             num_rounds,
             self.accountant,
         )
+        if self.accountant != cfg.accountant:
+            logger.warning(
+                "advertiser-dp: accountant = %s is inaccurate above epsilon %s and "
+                "target-epsilon = %s, so rounds are composed with %s",
+                cfg.accountant,
+                PRV_MAX_EPSILON,
+                cfg.target_epsilon,
+                self.accountant,
+            )
         if not secure_mode:
             logger.warning(
                 "advertiser-dp: privacy.secure-mode is off: the server's noise comes from a "
@@ -537,8 +548,8 @@ class AdvertiserDP:
             "num_rounds": self.num_rounds,
             "rounds_accounted": sum(steps for _, _, steps in self.history),
             "weighting": (
-                "uniform: the sum of clipped updates divided by the number of sampled "
-                "clients, so a client without a valid update counts as zero"
+                "uniform (the sum of clipped updates divided by the number of sampled "
+                "clients, so a client without a valid update counts as zero)"
             ),
             "secure_mode": self.secure_mode,
             "rounds": [asdict(release) for release in self.releases],
