@@ -548,9 +548,7 @@ class RunConfig:
         kwargs: dict[str, Any] = {}
         for name, section_cls in _SECTIONS.items():
             if name in nested:
-                kwargs[name.replace("-", "_")] = _build_section(
-                    section_cls, name, nested.pop(name)
-                )
+                kwargs[name.replace("-", "_")] = _build_section(section_cls, name, nested.pop(name))
         if "seed" in nested:
             kwargs["seed"] = _coerce("seed", nested.pop("seed"), 0)
         if "output" in nested:
