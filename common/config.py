@@ -286,6 +286,115 @@ class PrivacyConfig:
         return frozenset(kind.strip() for kind in self.scrub_kinds.split(",") if kind.strip())
 
 
+@dataclass(frozen=True)
+class AdvertiserDPConfig:
+    """Advertiser-level DP on the server (DP-FedAvg), the ``[advertiser-dp]`` table.
+
+    When ``enabled``, the server clips each client's whole update (its delta from the
+    adapter it was sent) to L2 norm ``clipping_norm`` and adds Gaussian noise of standard
+    deviation ``z * C / m`` to the mean of the ``m`` sampled clients' clipped updates
+    (:mod:`server.central_dp`). The unit of privacy is the advertiser: the (ε, δ) guarantee
+    covers all of one advertiser's data, over every round of the run. It composes with
+    record-level DP-SGD in ``[privacy]``, which clients still run when ``privacy.dp`` is on.
+
+    Set exactly one of ``noise_multiplier`` (``z``, ε is then reported) and
+    ``target_epsilon`` (``z`` is then calibrated so that ``server.num-rounds`` rounds at
+    sample rate ``q = sampled / data.num-clients`` spend ``target_epsilon`` at
+    ``target_delta``). ``accountant`` composes the rounds (``rdp`` or ``prv``).
+
+    ``adaptive_clipping`` starts at ``clipping_norm`` and moves the norm towards the
+    ``target_quantile`` of the update norms after every round,
+    ``C <- C * exp(-clip_learning_rate * (b - target_quantile))``, where ``b`` is the noised
+    fraction of updates with norm <= C. The count behind ``b`` gets Gaussian noise of
+    standard deviation ``clipped_count_stddev`` (0: expected sampled clients / 20, the value
+    Andrew et al. recommend), and the update noise is raised so that the two releases
+    together spend what one Gaussian mechanism with multiplier ``z`` would.
+
+    The mean divides by the number of sampled clients with equal weights, so
+    ``server.weighting`` must be ``uniform``: example-count weights would let a client's
+    share, and with it the sensitivity, depend on the counts clients report. For the same
+    reason ``server.robust`` must be ``none`` (the median and trimmed mean have no
+    sensitivity of ``C / m``) and ``server.norm-bound`` must be 0 (the clipping replaces
+    it). :class:`RunConfig` raises :class:`ConfigError` for each of these.
+    """
+
+    enabled: bool = False
+    clipping_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    target_delta: float = 1e-5
+    accountant: str = "rdp"
+    adaptive_clipping: bool = False
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.clipping_norm > 0 and math.isfinite(self.clipping_norm),
+            "advertiser-dp.clipping-norm",
+            self.clipping_norm,
+            "a finite number > 0 (the initial norm when adaptive-clipping is on)",
+        )
+        _require(
+            self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier),
+            "advertiser-dp.noise-multiplier",
+            self.noise_multiplier,
+            "a finite number >= 0 (0: calibrate it from advertiser-dp.target-epsilon)",
+        )
+        _require(
+            self.target_epsilon >= 0 and math.isfinite(self.target_epsilon),
+            "advertiser-dp.target-epsilon",
+            self.target_epsilon,
+            "a finite number >= 0 (0: report the epsilon of advertiser-dp.noise-multiplier)",
+        )
+        _require(
+            not self.enabled or (self.noise_multiplier > 0) != (self.target_epsilon > 0),
+            "advertiser-dp.noise-multiplier",
+            self.noise_multiplier,
+            "a number > 0 with advertiser-dp.target-epsilon = 0, or 0 with "
+            f"advertiser-dp.target-epsilon > 0 (it is {self.target_epsilon!r}): set exactly "
+            "one of the two",
+        )
+        _require(
+            0 < self.target_delta < 1,
+            "advertiser-dp.target-delta",
+            self.target_delta,
+            "0 < delta < 1, well below 1 / number of advertisers",
+        )
+        _require(
+            self.accountant in ACCOUNTANTS,
+            "advertiser-dp.accountant",
+            self.accountant,
+            " or ".join(ACCOUNTANTS),
+        )
+        _require(
+            0.0 < self.target_quantile < 1.0,
+            "advertiser-dp.target-quantile",
+            self.target_quantile,
+            "0 < quantile < 1 (the fraction of updates left unclipped, e.g. 0.5)",
+        )
+        _require(
+            self.clip_learning_rate > 0 and math.isfinite(self.clip_learning_rate),
+            "advertiser-dp.clip-learning-rate",
+            self.clip_learning_rate,
+            "a finite number > 0 (e.g. 0.2)",
+        )
+        _require(
+            self.clipped_count_stddev >= 0 and math.isfinite(self.clipped_count_stddev),
+            "advertiser-dp.clipped-count-stddev",
+            self.clipped_count_stddev,
+            "a finite number >= 0 (0: expected sampled clients / 20)",
+        )
+
+    @property
+    def accountant_in_use(self) -> str:
+        """Accountant that composes ε: ``rdp`` replaces ``prv`` above ``PRV_MAX_EPSILON``."""
+        if self.accountant == "prv" and self.target_epsilon > PRV_MAX_EPSILON:
+            return "rdp"
+        return self.accountant
+
+
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 WEIGHTINGS = ("examples", "uniform")
 ROBUST_RULES = ("none", "median", "trimmed-mean")
@@ -416,8 +525,34 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    advertiser_dp: AdvertiserDPConfig = field(default_factory=AdvertiserDPConfig)
     seed: int = 0
     output: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.advertiser_dp.enabled:
+            return
+        reason = "when advertiser-dp.enabled = true"
+        _require(
+            self.server.weighting == "uniform",
+            "server.weighting",
+            self.server.weighting,
+            f"uniform {reason}, because example-count weights make a client's share of the "
+            "mean, and so the sensitivity the noise is scaled to, depend on reported counts",
+        )
+        _require(
+            self.server.robust == "none",
+            "server.robust",
+            self.server.robust,
+            f"none {reason}, because the median and trimmed mean have no sensitivity of "
+            "clipping-norm / sampled clients that the noise could be scaled to",
+        )
+        _require(
+            self.server.norm_bound == 0,
+            "server.norm-bound",
+            self.server.norm_bound,
+            f"0 {reason}: advertiser-dp.clipping-norm bounds every update already",
+        )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -426,7 +561,7 @@ class RunConfig:
         kwargs: dict[str, Any] = {}
         for name, section_cls in _SECTIONS.items():
             if name in nested:
-                kwargs[name] = _build_section(section_cls, name, nested.pop(name))
+                kwargs[name.replace("-", "_")] = _build_section(section_cls, name, nested.pop(name))
         if "seed" in nested:
             kwargs["seed"] = _coerce("seed", nested.pop("seed"), 0)
         if "output" in nested:
@@ -434,7 +569,7 @@ class RunConfig:
         if nested:
             raise ConfigError(
                 f"unknown config keys {sorted(nested)}: expected the tables "
-                "model, data, train, privacy, server and the keys seed, output"
+                "model, data, train, privacy, server, advertiser-dp and the keys seed, output"
             )
         return cls(**kwargs)
 
@@ -496,6 +631,7 @@ _SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "privacy": PrivacyConfig,
     "server": ServerConfig,
+    "advertiser-dp": AdvertiserDPConfig,
 }
 
 

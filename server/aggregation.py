@@ -7,7 +7,9 @@ global state:
 1. every update is validated against the adapter that client was sent, as it arrived after
    the wire cast (:mod:`server.validation`). Rejected updates are logged and left out.
 2. the valid ones are combined by weighted mean, coordinate-wise median or trimmed mean,
-   optionally after norm bounding (:func:`server.robust.aggregate`);
+   optionally after norm bounding (:func:`server.robust.aggregate`). With advertiser-level
+   DP, they are instead clipped, averaged over the sampled clients and noised
+   (:class:`server.central_dp.AdvertiserDP`);
 3. the difference between that aggregate and the point it is measured from is the
    pseudo-gradient ``Δ_t``, and the server optimizer (:mod:`server.strategies`) takes
    one step with it.
@@ -27,6 +29,7 @@ import numpy as np
 
 from common.adapter import Arrays, from_wire, to_wire
 from common.config import RunConfig
+from server.central_dp import AdvertiserDP, RoundSampling
 from server.mixed_rank import delta_weights, lora_pairs, project_to_client_ranks
 from server.robust import AggregationMethod, aggregate
 from server.strategies import FedAvg, build_optimizer
@@ -72,7 +75,8 @@ class GlobalAdapter:
     The weighting does not change record-level DP at the clients: the server combines
     outputs that are already private, which is post-processing. It matters for
     advertiser-level DP, where a client's share ``w_i / Σ w_j`` sets the sensitivity
-    (see :func:`server.robust.aggregate`).
+    (see :func:`server.robust.aggregate`), so that mode uses equal weights over the
+    sampled clients and its noise goes on the pseudo-gradient before the server optimizer.
 
     TODO: validation and the robust rules read each client's update in the clear, so
     they cannot run under secure aggregation as they stand. With masking, only
@@ -107,6 +111,7 @@ class GlobalAdapter:
                 "examples has no effect",
                 server.robust,
             )
+        self.advertiser_dp = AdvertiserDP.from_run_config(cfg)
         self._sent: dict[int, Arrays] = {}
 
     # -- what clients start from -------------------------------------------------------
@@ -179,12 +184,20 @@ class GlobalAdapter:
                 valid.append(update)
         return valid, rejected
 
-    def aggregate(self, updates: Sequence[ClientUpdate], *, min_updates: int) -> AggregationOutcome:
+    def aggregate(
+        self,
+        updates: Sequence[ClientUpdate],
+        *,
+        min_updates: int,
+        sampling: RoundSampling | None = None,
+    ) -> AggregationOutcome:
         """Validate ``updates``, combine the valid ones and step the server optimizer.
 
         The state changes only when at least ``min_updates`` updates are valid; otherwise
         a WARNING is logged and the global adapter is kept. Updates are processed in order
         of client id, so the result does not depend on the order replies arrived in.
+        With advertiser-level DP, ``sampling`` (the round and how many clients it sampled
+        out of how many) is required.
         """
         valid, rejected = self.validate(updates)
         accepted = tuple(update.client_id for update in valid)
@@ -199,19 +212,23 @@ class GlobalAdapter:
 
         reference = self._reference()
         points = [self._to_state_space(update) for update in valid]
-        weights = [1.0 if self.uniform else float(update.num_examples) for update in valid]
-        combined = aggregate(
-            points,
-            weights,
-            reference,
-            method=self.method,
-            trim_fraction=self.cfg.server.trim_fraction,
-            norm_bound=self.cfg.server.norm_bound or None,
-        )
-        delta = {
-            key: combined[key].astype(np.float64) - np.asarray(reference[key], np.float64)
-            for key in self.state
-        }
+        if self.advertiser_dp is not None:
+            if sampling is None:
+                raise ValueError("advertiser-level DP needs the round's sampling to aggregate")
+            delta = self.advertiser_dp.privatize(
+                [_difference(point, reference) for point in points], sampling
+            )
+        else:
+            weights = [1.0 if self.uniform else float(update.num_examples) for update in valid]
+            combined = aggregate(
+                points,
+                weights,
+                reference,
+                method=self.method,
+                trim_fraction=self.cfg.server.trim_fraction,
+                norm_bound=self.cfg.server.norm_bound or None,
+            )
+            delta = _difference(combined, reference)
         self.state = self.optimizer.step(self.state, delta)
         self._sent.clear()
         return AggregationOutcome(accepted, tuple(rejected), applied=True)
@@ -236,6 +253,16 @@ class GlobalAdapter:
         self.state = {key: np.array(value, np.float32) for key, value in state.items()}
         self.optimizer.load_state_dict(optimizer)
         self._sent.clear()
+
+
+def _difference(
+    point: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Return ``point - reference`` per tensor, in float64."""
+    return {
+        key: np.asarray(point[key], np.float64) - np.asarray(reference[key], np.float64)
+        for key in reference
+    }
 
 
 class MixedRankAdapter(GlobalAdapter):
@@ -326,8 +353,14 @@ class MixedRankAdapter(GlobalAdapter):
         point.update({key: arrays[key] for key in self.others})
         return point
 
-    def aggregate(self, updates: Sequence[ClientUpdate], *, min_updates: int) -> AggregationOutcome:
-        outcome = super().aggregate(updates, min_updates=min_updates)
+    def aggregate(
+        self,
+        updates: Sequence[ClientUpdate],
+        *,
+        min_updates: int,
+        sampling: RoundSampling | None = None,
+    ) -> AggregationOutcome:
+        outcome = super().aggregate(updates, min_updates=min_updates, sampling=sampling)
         if outcome.applied:
             self._adapters.clear()
         return outcome

@@ -6,8 +6,9 @@
   (``optimizer/<name>``) and the array parts of the random number generator states
   (``rng/python``, ``rng/sampler``, ``rng/numpy``, ``rng/torch``);
 - ``state.json``: the last completed round, the strategy name, the run config, the
-  scalar parts of the generator states and the per-client privacy entries that the
-  server reports in ``privacy.json``.
+  scalar parts of the generator states, the per-client privacy entries that the
+  server reports in ``privacy.json`` and, with advertiser-level DP, the server's clipping
+  norm and accountant history (:meth:`server.central_dp.AdvertiserDP.state_dict`).
 
 Both are written to a temporary sibling folder, fsynced and renamed over the old
 checkpoint, so a crash leaves either the previous or the new checkpoint, never a mix.
@@ -53,6 +54,7 @@ class Checkpoint:
     config: dict[str, Any]
     rng: dict[str, Any] = field(default_factory=dict)
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    advertiser_dp: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------
@@ -142,6 +144,7 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
         "config": checkpoint.config,
         "rng": rng_scalars,
         "clients": checkpoint.clients,
+        "advertiser_dp": checkpoint.advertiser_dp,
     }
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +198,7 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
         config=state["config"],
         rng=_join_rng(arrays, state["rng"]),
         clients=state.get("clients", {}),
+        advertiser_dp=state.get("advertiser_dp", {}),
     )
 
 

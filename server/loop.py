@@ -25,6 +25,7 @@ from common.adapter import (
 from common.config import RunConfig
 from common.model import build_lora_model, load_tokenizer
 from server.aggregation import GlobalAdapter, build_global_adapter
+from server.central_dp import RoundSampling
 from server.checkpoint import (
     Checkpoint,
     capture_rng,
@@ -60,7 +61,9 @@ def _resume(
     recorder: RunRecorder,
     sampler: random.Random,
 ) -> None:
-    differing = config_differences(checkpoint.config, cfg.to_dict())
+    # Parsing the saved config fills keys added since it was written with their defaults.
+    saved = RunConfig.from_dict(checkpoint.config).to_dict()
+    differing = config_differences(saved, cfg.to_dict())
     if differing:
         raise ValueError(
             f"the run folder {recorder.run_dir} contains a checkpoint of another config "
@@ -68,6 +71,13 @@ def _resume(
             "config.toml, or pass a new output folder to start a new run"
         )
     strategy.load_state(checkpoint.global_state, checkpoint.optimizer_state)
+    if strategy.advertiser_dp is not None:
+        if not checkpoint.advertiser_dp:
+            raise ValueError(
+                f"the checkpoint in {recorder.run_dir} has no advertiser-dp state although "
+                "advertiser-dp.enabled = true: resume with the run's own config.toml"
+            )
+        strategy.advertiser_dp.load_state_dict(checkpoint.advertiser_dp)
     restore_rng(checkpoint.rng, sampler)
     fields = {f.name for f in dataclasses.fields(ClientPrivacy)}
     recorder.clients = {
@@ -116,7 +126,7 @@ def run_rounds(
         dataclasses.replace(cfg.model, lora_r=cfg.model.max_rank), seed=cfg.seed
     )
     strategy = build_global_adapter(get_adapter_arrays(model), cfg)
-    recorder = RunRecorder(run_dir, cfg)
+    recorder = RunRecorder(run_dir, cfg, advertiser_dp=strategy.advertiser_dp)
     evaluator = None
     if evaluator_records:
         evaluator = ServerEvaluator(
@@ -128,8 +138,13 @@ def run_rounds(
             max_new_tokens=cfg.model.max_new_tokens,
             seed=cfg.seed,
         )
-    if not cfg.privacy.dp:
+    if not cfg.privacy.dp and not cfg.advertiser_dp.enabled:
         logger.warning("run: differential privacy is OFF: client updates carry no DP guarantee")
+    elif not cfg.privacy.dp:
+        logger.warning(
+            "run: record-level DP is OFF: only the server's advertiser-level DP protects the "
+            "global adapter, and each client's update reaches the server without noise"
+        )
     wire_numpy_dtype(cfg.server.wire_dtype)  # fails now, not in round 1, if ml_dtypes is missing
 
     start_round = 1
@@ -181,7 +196,10 @@ def run_rounds(
             recorder.update_client(client_id, server_round, metrics)
 
         # Validate and aggregate the updates; rejected ones are logged with their reason.
-        outcome = strategy.aggregate(received.updates, min_updates=server.min_train_nodes)
+        sampling = RoundSampling(server_round, len(sampled), len(nodes))
+        outcome = strategy.aggregate(
+            received.updates, min_updates=server.min_train_nodes, sampling=sampling
+        )
         train_loss = weighted_train_loss(received.trained_metrics, outcome.accepted)
 
         # Evaluate on held-out records and save the global adapter.
@@ -215,6 +233,8 @@ def run_rounds(
             "bleu": eval_metrics.get("bleu"),
             "rouge_l": eval_metrics.get("rouge-l"),
             "max_epsilon": max_epsilon,
+            "advertiser_epsilon": recorder.advertiser_epsilon(),
+            "advertiser_clipping_norm": _last_clipping_norm(strategy, server_round),
             "bytes_up": received.bytes_up,
             "bytes_down": bytes_down,
             "round_time_s": time.perf_counter() - started,
@@ -230,6 +250,9 @@ def run_rounds(
                 config=cfg.to_dict(),
                 rng=capture_rng(sampler),
                 clients={cid: dataclasses.asdict(e) for cid, e in recorder.clients.items()},
+                advertiser_dp=(
+                    strategy.advertiser_dp.state_dict() if strategy.advertiser_dp else {}
+                ),
             ),
         )
         logger.info(
@@ -251,6 +274,16 @@ def run_rounds(
             row["round_time_s"],
         )
     return strategy.adapter()
+
+
+def _last_clipping_norm(strategy: GlobalAdapter, server_round: int) -> float | None:
+    """Advertiser-DP clipping norm used in ``server_round``; None without DP or aggregation."""
+    if strategy.advertiser_dp is None:
+        return None
+    releases = strategy.advertiser_dp.releases
+    if releases and releases[-1].server_round == server_round:
+        return releases[-1].clipping_norm
+    return None
 
 
 def _fmt(value: float | None) -> str:

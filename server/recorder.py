@@ -12,6 +12,7 @@ from typing import Any
 
 from common.atomic import write_bytes_atomic
 from common.config import ACCOUNTANTS, PII_KINDS, PRV_MAX_EPSILON, RunConfig
+from server.central_dp import AdvertiserDP
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +82,27 @@ def not_protected(cfg: RunConfig | None = None) -> list[str]:
             "The run used no secure aggregation, so the server sees each client's individual "
             "adapter update. With record-level DP that update is noised, but it is not hidden."
         )
-    if not privacy.dp:
+    advertiser = cfg.advertiser_dp
+    if advertiser.enabled:
+        items.append(
+            "Advertiser-level DP is applied by the server, which receives each client's "
+            "update before clipping and noise: the advertiser-level guarantee covers the "
+            "global adapter and what is derived from it, not the server's own view."
+        )
+        items.append(
+            "The numbers of sampled, accepted, rejected and declined clients per round are "
+            "released without noise, and a round with too few valid updates is skipped "
+            "without counting against the advertiser-level budget."
+        )
+    if not privacy.dp and not advertiser.enabled:
         items.append(
             "Differential privacy was off: nothing bounds what the adapters reveal about any "
             "record, and the global adapter can memorise and repeat training text."
+        )
+    elif not privacy.dp:
+        items.append(
+            "Record-level DP was off: each client's update reaches the server without noise, "
+            "so only the advertiser-level noise on the aggregate protects records."
         )
     else:
         items.append(
@@ -92,12 +110,12 @@ def not_protected(cfg: RunConfig | None = None) -> list[str]:
             "records of an advertiser is protected only at the weaker group level (about "
             "k·ε), and an advertiser's data as a whole is not protected from the server."
         )
-        if not privacy.secure_mode:
-            items.append(
-                "Secure mode was off: the DP noise came from a seeded, non-cryptographic "
-                "generator and is not hardened against floating-point attacks, which is fine "
-                "for experiments but not for a deployment."
-            )
+    if (privacy.dp or advertiser.enabled) and not privacy.secure_mode:
+        items.append(
+            "Secure mode was off: the DP noise came from a seeded, non-cryptographic "
+            "generator and is not hardened against floating-point attacks, which is fine "
+            "for experiments but not for a deployment."
+        )
     kinds = sorted(privacy.scrub_kind_set)
     if not kinds:
         items.append(
@@ -132,6 +150,7 @@ class RunRecorder:
     run_dir: Path
     cfg: RunConfig
     clients: dict[str, ClientPrivacy] = field(default_factory=dict)
+    advertiser_dp: AdvertiserDP | None = None
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +197,10 @@ class RunRecorder:
             return None
         return max(entry.epsilon for entry in self.clients.values())
 
+    def advertiser_epsilon(self) -> float | None:
+        """ε spent at the advertiser level so far; None when that mode is off."""
+        return None if self.advertiser_dp is None else self.advertiser_dp.epsilon()
+
     def append_round(self, row: dict[str, Any]) -> None:
         """Append one round's metrics as a JSON line, flushed to disk."""
         clean = {key: _finite_or_none(value) for key, value in row.items()}
@@ -189,8 +212,10 @@ class RunRecorder:
     def privacy_summary(self) -> dict[str, Any]:
         """Privacy guarantee of the run and each client's spending, as in ``privacy.json``.
 
-        ``accountant`` is the one new ledgers use, while each client's entry names the
-        accountant of its own ledger, which keeps the one it was first written with.
+        The top-level keys describe record-level DP. ``accountant`` is the one new
+        ledgers use, while each client's entry names the accountant of its own ledger,
+        which keeps the one it was first written with. ``units`` lists every privacy unit
+        the run protects, and ``advertiser`` describes advertiser-level DP (None when off).
         """
         privacy = self.cfg.privacy
         accountant = privacy.accountant_in_use
@@ -202,9 +227,13 @@ class RunRecorder:
                 f"{accountant} (a looser upper bound) was used"
             )
         pii_totals = [e.pii_replaced for e in self.clients.values() if e.pii_replaced is not None]
+        units = ["record"] if privacy.dp else []
+        if self.advertiser_dp is not None:
+            units.append("advertiser")
         return {
-            # TODO: add the advertiser unit once server-side DP (DP-FedAvg) is implemented.
-            "unit": "record",
+            "unit": "advertiser" if units == ["advertiser"] else "record",
+            "units": units,
+            "advertiser": None if self.advertiser_dp is None else self.advertiser_dp.summary(),
             "dp_enabled": privacy.dp,
             "accountant": accountant,
             "accountant_requested": privacy.accountant,

@@ -27,7 +27,16 @@ CONFIG_FILE = "config.toml"
 REPORT_FILE = "report.md"
 
 # Keys of one metrics.jsonl line besides "round". A missing key reads as null.
-_FLOAT_KEYS = ("train_loss", "eval_loss", "bleu", "rouge_l", "max_epsilon", "round_time_s")
+_FLOAT_KEYS = (
+    "train_loss",
+    "eval_loss",
+    "bleu",
+    "rouge_l",
+    "max_epsilon",
+    "advertiser_epsilon",
+    "advertiser_clipping_norm",
+    "round_time_s",
+)
 _COUNT_KEYS = ("num_sampled", "num_replies", "num_declined", "bytes_up", "bytes_down")
 
 _UNIT_MEANINGS = {
@@ -167,7 +176,15 @@ def _load_privacy(run_dir: Path) -> dict[str, Any]:
     if not isinstance(clients, dict) or not all(isinstance(c, dict) for c in clients.values()):
         raise TypeError(f"{path}: 'clients' must map each client id to a JSON object")
     privacy["clients"] = clients
+    advertiser = privacy.get("advertiser")
+    if advertiser is not None and not isinstance(advertiser, dict):
+        raise TypeError(f"{path}: 'advertiser' is {advertiser!r}, expected a JSON object or null")
     return privacy
+
+
+def _any_dp(privacy: dict[str, Any]) -> bool:
+    """Return whether record-level or advertiser-level DP was on."""
+    return bool(privacy["dp_enabled"] or privacy.get("advertiser"))
 
 
 # ---------------------------------------------------------------------------
@@ -302,6 +319,7 @@ def _summary_section(
         epsilon_cell = f"{max_epsilon} / {_fmt(target, '.2f')}"
     else:
         epsilon_cell = "DP off"
+    advertiser = privacy.get("advertiser")
 
     table = [
         ("rounds completed", str(len(rows))),
@@ -314,6 +332,13 @@ def _summary_section(
         table.append(("test-set BLEU (eval.json)", _fmt(evaluation.get("bleu"))))
     table += [
         ("max ε / target ε", epsilon_cell),
+    ]
+    if advertiser:
+        advertiser_target = advertiser.get("target_epsilon")
+        target_text = _fmt(advertiser_target, ".2f") if advertiser_target else "none set"
+        epsilon_text = f"{_fmt(advertiser.get('epsilon'), '.2f')} / {target_text}"
+        table.append(("ε / target ε (advertiser level)", epsilon_text))
+    table += [
         ("declines, summed over rounds", str(sum(row["num_declined"] or 0 for row in rows))),
         ("bytes up / down", f"{_fmt_bytes(bytes_up)} / {_fmt_bytes(bytes_down)}"),
         ("bytes total", _fmt_bytes(bytes_up + bytes_down)),
@@ -351,15 +376,23 @@ def _plots_section(run_dir: Path, rows: Sequence[dict[str, Any]], privacy: dict[
         lines += ["No round ran a server BLEU evaluation.", ""]
 
     target = privacy.get("target_epsilon")
-    hline = ("target ε", float(target)) if _is_number(target) else None
-    if not privacy["dp_enabled"]:
+    hline = ("target ε", float(target)) if _is_number(target) and privacy["dp_enabled"] else None
+    series = [("max ε (record level)", "max_epsilon")] if privacy["dp_enabled"] else []
+    if privacy.get("advertiser"):
+        series.append(("ε (advertiser level)", "advertiser_epsilon"))
+    if not _any_dp(privacy):
         (run_dir / "epsilon.png").unlink(missing_ok=True)
         lines += ["DP was off, so there is no ε to plot.", ""]
     elif _plot_rounds(
-        run_dir / "epsilon.png", title="Largest ε spent among clients", ylabel="ε",
-        rows=rows, series=[("max ε", "max_epsilon")], hline=hline, y_from_zero=True,
+        run_dir / "epsilon.png",
+        title="ε spent per round",
+        ylabel="ε",
+        rows=rows,
+        series=series,
+        hline=hline,
+        y_from_zero=True,
     ):
-        lines += ["![Max ε per round and target ε](epsilon.png)", ""]
+        lines += ["![ε per round and target ε](epsilon.png)", ""]
     else:
         lines += ["No round reported an ε.", ""]
     return lines
@@ -384,8 +417,10 @@ def _privacy_settings(privacy: dict[str, Any]) -> list[str]:
             scrubbing_text += ", counts kept on the clients"
     else:
         scrubbing_text = "off"
+    units = privacy.get("units")
+    unit_text = ", ".join(f"`{unit}`" for unit in units) if units else f"`{privacy['unit']}`"
     lines = [
-        f"- unit: `{privacy['unit']}`",
+        f"- unit: {unit_text}",
         f"- accountant: {accountant_text}",
         f"- δ: {_fmt(privacy.get('delta'), '.1e')}",
         f"- target ε: {_fmt(privacy.get('target_epsilon'), '.2f')}",
@@ -408,14 +443,31 @@ def _privacy_section(privacy: dict[str, Any]) -> list[str]:
     target = privacy.get("target_epsilon")
     lines = ["## Privacy", ""]
 
-    if not privacy["dp_enabled"]:
+    if not _any_dp(privacy):
         lines += [
             ("**Differential privacy was OFF for this run.** No noise was added, so the "
              "run gives no (ε, δ) guarantee and any ε below is not a privacy guarantee."),
             "",
         ]
+    elif not privacy["dp_enabled"]:
+        lines += [
+            (
+                "**Record-level DP was OFF for this run.** Clients trained without noise, so "
+                "only the advertiser-level guarantee below applies."
+            ),
+            "",
+        ]
+    if privacy.get("advertiser"):
+        lines += [
+            (
+                "The settings and the client table below are those of record-level DP; "
+                "advertiser-level DP has its own section after them."
+            ),
+            "",
+        ]
     lines += _privacy_settings(privacy)
-    if unit in _UNIT_MEANINGS:
+    # The advertiser section, after the record-level table, explains its own unit.
+    if unit in _UNIT_MEANINGS and not (unit == "advertiser" and privacy.get("advertiser")):
         lines += [_UNIT_MEANINGS[unit], ""]
 
     clients = privacy["clients"]
@@ -462,6 +514,65 @@ def _privacy_section(privacy: dict[str, Any]) -> list[str]:
             "",
         ]
     return lines
+
+
+def _advertiser_section(advertiser: dict[str, Any]) -> list[str]:
+    """Render the advertiser-level guarantee and the clipping norm of every round."""
+    get = advertiser.get
+    target = get("target_epsilon")
+    target_text = _fmt(target, ".2f") if target else "none set"
+    calibrated = " (calibrated from the target ε)" if get("noise_multiplier_calibrated") else ""
+    lines = [
+        "### Advertiser-level DP",
+        "",
+        _UNIT_MEANINGS["advertiser"],
+        "",
+        (
+            f"- ε: {_fmt(get('epsilon'), '.3f')} at δ = {_fmt(get('delta'), '.1e')} "
+            f"(target ε: {target_text})"
+        ),
+        (
+            f"- accountant: `{_fmt(get('accountant'))}`, rounds accounted: "
+            f"{_fmt(get('rounds_accounted'))} of {_fmt(get('num_rounds'))}"
+        ),
+        (
+            f"- noise multiplier: {_fmt(get('noise_multiplier'))}{calibrated}, on the update: "
+            f"{_fmt(get('update_noise_multiplier'))}"
+        ),
+        f"- clipping: {_fmt(get('clipping'))}, initial norm {_fmt(get('initial_clipping_norm'))}",
+        f"- sample rate (planned): {_fmt(get('planned_sample_rate'))}",
+        f"- sampling: {_fmt(get('sampling'))}",
+        f"- weighting: {_fmt(get('weighting'))}",
+    ]
+    if get("clipping") == "adaptive":
+        lines.append(
+            f"- target quantile: {_fmt(get('target_quantile'))}, clip learning rate: "
+            f"{_fmt(get('clip_learning_rate'))}, clipped-count noise stddev: "
+            f"{_fmt(get('clipped_count_stddev'))}"
+        )
+    lines.append("")
+    note = get("accountant_note")
+    if isinstance(note, str) and note:
+        lines += [f"NOTE: {note}.", ""]
+    rounds = get("rounds") or []
+    if not rounds:
+        return lines + ["No round aggregated with advertiser-level DP yet.", ""]
+    lines += [
+        "| round | clipping norm | noise stddev on the mean | sampled | sample rate | "
+        + "noised unclipped fraction |",
+        "|---|---|---|---|---|---|",
+    ]
+    for entry in rounds:
+        cells = [
+            _fmt(entry.get("server_round")),
+            _fmt(entry.get("clipping_norm")),
+            _fmt(entry.get("noise_stddev")),
+            _fmt(entry.get("num_sampled")),
+            _fmt(entry.get("sample_rate")),
+            _fmt(entry.get("unclipped_fraction"), ".3f"),
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines + [""]
 
 
 def _not_protected_section(privacy: dict[str, Any]) -> list[str]:
@@ -533,7 +644,7 @@ def write_report(run_dir: Path) -> Path:
     if not rows:
         logger.warning("write_report: %s has no rounds, writing a report without curves",
                        run_dir / METRICS_FILE)
-    if not privacy["dp_enabled"]:
+    if not _any_dp(privacy):
         logger.warning("write_report: DP was off in %s, the report marks the run unprotected",
                        run_dir)
 
@@ -542,6 +653,8 @@ def write_report(run_dir: Path) -> Path:
     lines += _plots_section(run_dir, rows, privacy)
     lines += _evaluation_section(evaluation)
     lines += _privacy_section(privacy)
+    if privacy.get("advertiser"):
+        lines += _advertiser_section(privacy["advertiser"])
     lines += _not_protected_section(privacy)
     lines += _config_section(run_dir)
 
