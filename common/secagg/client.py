@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -65,6 +66,71 @@ class SecAggClient:
         self._s_public_keys: dict[int, bytes] = {}
         # owner id -> (share index, share of b_owner, share of s_sk_owner)
         self._held_shares: dict[int, tuple[int, bytes, bytes]] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the session state as ints, bytes, strings and lists of them.
+
+        A Flower ClientApp is called once per message, possibly in another worker process,
+        so the state travels in the node's ``Context.state`` between stages. Until
+        :meth:`masked_input` has run it contains the private keys and the self-mask seed,
+        so it must never leave the client.
+        """
+        owners = sorted(self._held_shares)
+        peers = sorted(self._c_public_keys)
+        state: dict[str, Any] = {
+            "client-id": self.client_id,
+            "stage": self._stage,
+            "num-clipped": self.num_clipped,
+            "peer-ids": peers,
+            "c-public-keys": [self._c_public_keys[v] for v in peers],
+            "s-public-keys": [self._s_public_keys[v] for v in peers],
+            "held-owner-ids": owners,
+            "held-indices": [self._held_shares[owner][0] for owner in owners],
+            "held-seed-shares": [self._held_shares[owner][1] for owner in owners],
+            "held-key-shares": [self._held_shares[owner][2] for owner in owners],
+        }
+        if self._setup is not None:
+            state.update({f"setup/{key}": value for key, value in self._setup.to_values().items()})
+        if self._c_private_key is not None:
+            state["c-private-key"] = masking.private_key_to_bytes(self._c_private_key)
+        if self._s_private_key is not None:
+            state["s-private-key"] = masking.private_key_to_bytes(self._s_private_key)
+        if self._self_mask_seed is not None:
+            state["self-mask-seed"] = self._self_mask_seed
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> SecAggClient:
+        """Rebuild a client from :meth:`state_dict`; raise ValueError if it is malformed."""
+        try:
+            client = cls(int(state["client-id"]))
+            client._stage = str(state["stage"])
+            client.num_clipped = int(state["num-clipped"])
+            setup = {key[6:]: value for key, value in state.items() if key.startswith("setup/")}
+            if setup:
+                client._setup = SetupMessage.from_values(setup)
+            if "c-private-key" in state:
+                client._c_private_key = masking.private_key_from_bytes(state["c-private-key"])
+            if "s-private-key" in state:
+                client._s_private_key = masking.private_key_from_bytes(state["s-private-key"])
+            if "self-mask-seed" in state:
+                client._self_mask_seed = bytes(state["self-mask-seed"])
+            peers = [int(v) for v in state["peer-ids"]]
+            client._c_public_keys = dict(zip(peers, state["c-public-keys"], strict=True))
+            client._s_public_keys = dict(zip(peers, state["s-public-keys"], strict=True))
+            client._held_shares = {
+                int(owner): (int(index), bytes(seed_share), bytes(key_share))
+                for owner, index, seed_share, key_share in zip(
+                    state["held-owner-ids"],
+                    state["held-indices"],
+                    state["held-seed-shares"],
+                    state["held-key-shares"],
+                    strict=True,
+                )
+            }
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"malformed secure aggregation client state ({err!r})") from None
+        return client
 
     def _enter(self, stage: str, previous: str) -> None:
         if self._stage != previous:

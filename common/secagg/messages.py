@@ -12,7 +12,7 @@ import secrets
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -82,6 +82,52 @@ class SetupMessage:
             modulus_bits=self.modulus_bits,
             quantization_bits=self.quantization_bits,
         )
+
+    def to_values(self) -> dict[str, Any]:
+        """Return the fields as ints, floats, bytes, strings and lists of them.
+
+        The layout becomes three lists: tensor names, the number of dimensions of each and
+        all dimensions concatenated.
+        """
+        return {
+            "session-id": self.session_id,
+            "participants": list(self.participants),
+            "neighbours": list(self.neighbours),
+            "threshold": self.threshold,
+            "clipping-range": self.clipping_range,
+            "modulus-bits": self.modulus_bits,
+            "quantization-bits": self.quantization_bits,
+            "layout-names": [name for name, _ in self.layout],
+            "layout-ndims": [len(shape) for _, shape in self.layout],
+            "layout-dims": [dim for _, shape in self.layout for dim in shape],
+        }
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> SetupMessage:
+        """Rebuild a message from :meth:`to_values`; raise ValueError if it is malformed."""
+        try:
+            names = [str(name) for name in values["layout-names"]]
+            ndims = [int(n) for n in values["layout-ndims"]]
+            dims = [int(d) for d in values["layout-dims"]]
+            if len(names) != len(ndims) or sum(ndims) != len(dims) or min(ndims, default=0) < 0:
+                raise ValueError("the layout lists do not match")
+            layout = []
+            offset = 0
+            for name, ndim in zip(names, ndims, strict=True):
+                layout.append((name, tuple(dims[offset : offset + ndim])))
+                offset += ndim
+            return cls(
+                session_id=bytes(values["session-id"]),
+                participants=tuple(int(u) for u in values["participants"]),
+                neighbours=tuple(int(v) for v in values["neighbours"]),
+                threshold=int(values["threshold"]),
+                clipping_range=float(values["clipping-range"]),
+                modulus_bits=int(values["modulus-bits"]),
+                quantization_bits=int(values["quantization-bits"]),
+                layout=tuple(layout),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"malformed secure aggregation setup message ({err!r})") from None
 
 
 @dataclass(frozen=True)
