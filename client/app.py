@@ -33,6 +33,7 @@ from common.adapter import (
 )
 from common.config import RunConfig
 from common.secagg import records
+from common.secagg.update import NoiseShare
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,11 @@ def build_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
 
 def register_secagg_handlers(
-    app: ClientApp, cfg: RunConfig | None, *, train: TrainRound, noise_share=None
+    app: ClientApp,
+    cfg: RunConfig | None,
+    *,
+    train: TrainRound,
+    noise_share: NoiseShare | None = None,
 ) -> None:
     """Add the four secure aggregation stages (``train.secagg_*``) to ``app``.
 

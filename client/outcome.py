@@ -15,7 +15,7 @@ from common.config import ACCOUNTANTS
 class TrainOutcome:
     """The update a client released in a round, or its decline.
 
-    ``release`` is None when the client declined, and ``decline_reason`` then says why.
+    ``release`` is None when the client declined, and ``decline_reason`` then gives the reason.
     ``replayed`` marks an update re-sent from an earlier reply to the same request.
     """
 

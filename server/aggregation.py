@@ -222,7 +222,7 @@ class GlobalAdapter:
         """Step the server optimizer with the mean delta that secure aggregation unmasked.
 
         Only this mean is visible, so the checks that remain are its tensor names, shapes
-        and finiteness; a mismatch is logged as an ERROR and the global adapter is kept.
+        and finiteness. A failed check is logged as an ERROR, and the global adapter is kept.
         """
         accepted = tuple(sorted(contributors))
         expected = {key: np.shape(value) for key, value in self.state.items()}

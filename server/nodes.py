@@ -159,7 +159,7 @@ class RoundReplies:
 class RoundResult:
     """What one training round did, plain or under secure aggregation, for the metrics row.
 
-    ``extra`` holds row entries of one mode only (e.g. the secure aggregation error bound).
+    ``extra`` contains row entries of one mode only (e.g. the secure aggregation error bound).
     """
 
     replies: RoundReplies

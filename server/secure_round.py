@@ -14,8 +14,8 @@ train-reply metrics, privacy-budget declines and checkpoints inside
    each client trains and sends back its masked update and its metrics;
 4. ``secagg_unmask``: the survivor list out, the shares that remove the masks back.
 
-The server holds public keys, ciphertexts it cannot read, masked vectors and their
-running sum, and finally the unmasked sum. It never holds one client's unmasked update.
+The server receives public keys, ciphertexts it cannot read and masked vectors, keeps
+their running sum, and finally unmasks the sum. It never holds one client's unmasked update.
 Training happens in stage 3, so a round that fails at key exchange costs no privacy budget.
 
 Weighting: each client masks ``w_i Δ_i`` together with ``w_i`` (:mod:`common.secagg.update`)
@@ -67,10 +67,10 @@ T = TypeVar("T")
 
 
 def threshold_for(cfg: RunConfig, num_participants: int) -> int:
-    """Shares needed to unmask: ``ceil(f * h)``, at least 2, of ``h`` share holders.
+    """Return the number of shares that unmask a client: ``ceil(f * h)``, at least 2.
 
-    ``h`` is ``server.secagg-num-neighbours + 1``, or the number of participants when the
-    graph is complete.
+    ``h`` is the number of the client's share holders: ``server.secagg-num-neighbours + 1``,
+    or the number of participants when the graph is complete.
     """
     neighbours = cfg.server.secagg_num_neighbours
     holders = num_participants
@@ -81,7 +81,7 @@ def threshold_for(cfg: RunConfig, num_participants: int) -> int:
 
 
 def fixed_point_range(cfg: RunConfig) -> float:
-    """Fixed-point range ``c`` of a session: it covers every clipped, weighted coordinate."""
+    """Return the fixed-point range ``c``, which covers every clipped, weighted coordinate."""
     max_weight = 1.0 if cfg.server.weighting == "uniform" else cfg.server.secagg_max_weight
     return clipping_range(clip_norm=cfg.server.client_clip_norm, max_weight=max_weight)
 
@@ -150,7 +150,7 @@ def run_secure_round(
 
     The global adapter changes only when the whole protocol succeeds with at least
     ``server.min-train-nodes`` contributors; otherwise the round fails as described in
-    the module docstring, and the result says at which stage.
+    the module docstring, and ``extra["secagg_failed_stage"]`` names the stage.
     """
     server = cfg.server
     session = _Session(grid, sampled, cfg, server_round)

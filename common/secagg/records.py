@@ -9,7 +9,8 @@ id from its own node registry, so a client cannot speak for another.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -28,6 +29,8 @@ from common.secagg.messages import (
 CONFIG_KEY = "secagg"
 MASKED_INPUT_KEY = "secagg-masked-input"
 
+T = TypeVar("T")
+
 # Message types of the ClientApp actions, one per stage ("<category>.<action>" in Flower).
 SETUP_ACTION = "secagg_setup"
 SHARE_KEYS_ACTION = "secagg_share_keys"
@@ -36,7 +39,7 @@ UNMASK_ACTION = "secagg_unmask"
 
 
 class MalformedRecord(ValueError):
-    """A secure aggregation record lacks a key or holds a value of the wrong type."""
+    """A secure aggregation record is missing a key or has a value of the wrong type."""
 
 
 def _config(content: RecordDict) -> ConfigRecord:
@@ -61,14 +64,14 @@ def _get_map(record: ConfigRecord, prefix: str) -> dict[int, bytes]:
     return {int(i): bytes(value) for i, value in zip(ids, values, strict=True)}
 
 
-def _parse(what: str, build):
+def _parse(description: str, build: Callable[[], T]) -> T:
     """Call ``build()`` and turn a missing key or wrong type into MalformedRecord."""
     try:
         return build()
     except MalformedRecord:
         raise
     except (KeyError, TypeError, ValueError) as err:
-        raise MalformedRecord(f"malformed secure aggregation {what} ({err!r})") from None
+        raise MalformedRecord(f"malformed secure aggregation {description} ({err!r})") from None
 
 
 # --- server to client ---------------------------------------------------------------------

@@ -4,8 +4,8 @@ Weighted FedAvg needs ``Σ w_i Δ_i / Σ w_i``, and the server learns only sums.
 client pre-multiplies its update delta ``Δ_i`` (trained adapter minus the adapter it
 received) by its weight ``w_i`` and appends ``w_i`` itself as one more coordinate
 (:data:`WEIGHT_KEY`). Both travel inside the same masked vector, so the server divides two
-sums of the same clients and never sees a single ``w_i Δ_i``. With uniform weighting every
-``w_i`` is 1 and the extra coordinate counts the contributors.
+sums of the same clients and never receives a single ``w_i Δ_i`` unmasked. With uniform
+weighting every ``w_i`` is 1 and the extra coordinate counts the contributors.
 
 Before weighting, each client checks that its delta is finite and scales it down to L2
 norm at most ``clip_norm``. Every coordinate of ``w_i Δ_i`` then lies in
@@ -79,9 +79,10 @@ def weighted_vector(
     clip_norm: float,
     noise_share: NoiseShare | None = None,
 ) -> tuple[dict[str, np.ndarray], float]:
-    """Return what a client masks, ``{w Δ, WEIGHT_KEY: [w]}``, and the norm of ``Δ`` before clipping.
+    """Return the vector a client masks, ``{w Δ, WEIGHT_KEY: [w]}``, and the norm of ``Δ``.
 
-    ``noise_share``, when given, is applied last, to the clipped and weighted vector.
+    The norm is measured before clipping. ``noise_share``, when given, is applied last, to
+    the clipped and weighted vector.
     """
     if not (math.isfinite(weight) and weight >= 0):
         raise ValueError(f"weight={weight!r} is invalid: expected a finite number >= 0")
