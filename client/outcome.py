@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client.ledger import PrivacyLedger
 from client.release import Release
 from common.config import ACCOUNTANTS
+
+# Value types that a Flower MetricRecord accepts.
+MetricValues: TypeAlias = dict[str, int | float | list[int] | list[float]]
 
 
 @dataclass(frozen=True)
@@ -39,10 +43,10 @@ def privacy_metrics(ledger: PrivacyLedger, epsilon: float) -> dict[str, float | 
     }
 
 
-def train_metrics(outcome: TrainOutcome) -> dict[str, int | float]:
+def train_metrics(outcome: TrainOutcome) -> MetricValues:
     """Metrics of a trained reply: the release's, the replay flag and the ledger's ε."""
     assert outcome.release is not None  # only trained outcomes have train metrics
-    metrics: dict[str, int | float] = {
+    metrics: MetricValues = {
         **outcome.release.metrics,
         "replayed": int(outcome.replayed),
     }
@@ -55,7 +59,11 @@ def decline_content(outcome: TrainOutcome) -> RecordDict:
     """Content of a decline reply: no tensors, the ledger's ε and the reason."""
     ledger = outcome.ledger
     assert ledger is not None  # only a client with a privacy ledger declines
-    metrics = {"num-examples": 0, "declined": 1, **privacy_metrics(ledger, ledger.epsilon())}
+    metrics: MetricValues = {
+        "num-examples": 0,
+        "declined": 1,
+        **privacy_metrics(ledger, ledger.epsilon()),
+    }
     return RecordDict(
         {
             "metrics": MetricRecord(metrics),

@@ -123,7 +123,7 @@ def handle_masked_input(
         for name, value in outcome.release.arrays.items()
     }
     metrics = train_metrics(outcome)
-    weight = aggregation_weight(cfg, float(metrics["num-examples"]))
+    weight = aggregation_weight(cfg, float(outcome.release.metrics["num-examples"]))
     clip_norm = cfg.server.client_clip_norm
     vector, norm = weighted_vector(
         delta, weight=weight, clip_norm=clip_norm, noise_share=noise_share

@@ -117,7 +117,7 @@ class _Session:
                 continue
             client_id = self.nodes[index].client_id
             if reply.has_error():
-                self._fail(stage, client_id, reply.error.reason)
+                self._fail(stage, client_id, reply.error.reason or "error reply without a reason")
                 continue
             try:
                 parsed[index] = read(reply, index)

@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from local_grid import LocalGrid, synthetic_client_app
+from local_grid import LocalGrid, nan_update, synthetic_client_app
 
 from common.config import ConfigError, RunConfig
 from common.secagg import records
@@ -181,6 +181,21 @@ def test_dropout_below_threshold_fails_round_safely(tmp_path, caplog):
         np.testing.assert_array_equal(after[name], before[name])
     assert second["aggregated"] is True
     assert second["num_accepted"] == 5
+
+
+def test_non_finite_update_stays_on_client(tmp_path, caplog):
+    # The client rejects its own NaN update, so the server recovers it as a dropout.
+    cfg = secure_config(tmp_path, **{"num-rounds": 1})
+    grid = LocalGrid(synthetic_client_app(cfg, behaviours={2: nan_update}), 4)
+    with caplog.at_level("WARNING"):
+        run_rounds(grid, cfg, tmp_path)
+
+    (row,) = metrics(tmp_path)
+    assert row["aggregated"] is True
+    assert row["num_accepted"] == 3
+    assert row["num_failed"] == 1
+    assert "client client-002: masked_input:" in caplog.text
+    assert "NaN or infinite entries" in caplog.text
 
 
 def test_threshold_follows_fraction_and_graph():

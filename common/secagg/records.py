@@ -49,16 +49,30 @@ def _config(content: RecordDict) -> ConfigRecord:
         raise MalformedRecord(f"message has no {CONFIG_KEY!r} config record") from None
 
 
+def _bytes(record: ConfigRecord, key: str) -> bytes:
+    value = record[key]
+    if not isinstance(value, bytes):
+        raise MalformedRecord(f"{key} is {type(value).__name__}, expected bytes")
+    return value
+
+
+def _list(record: ConfigRecord, key: str) -> list:
+    value = record[key]
+    if not isinstance(value, list):
+        raise MalformedRecord(f"{key} is {type(value).__name__}, expected a list")
+    return value
+
+
 def _put_map(prefix: str, mapping: Mapping[int, bytes]) -> dict[str, list]:
     ids = sorted(mapping)
     return {f"{prefix}-ids": ids, f"{prefix}-values": [mapping[i] for i in ids]}
 
 
 def _get_map(record: ConfigRecord, prefix: str) -> dict[int, bytes]:
-    ids = record[f"{prefix}-ids"]
-    values = record[f"{prefix}-values"]
-    if not isinstance(ids, list) or not isinstance(values, list) or len(ids) != len(values):
-        raise MalformedRecord(f"{prefix}-ids and {prefix}-values must be lists of equal length")
+    ids = _list(record, f"{prefix}-ids")
+    values = _list(record, f"{prefix}-values")
+    if len(ids) != len(values):
+        raise MalformedRecord(f"{prefix}-ids and {prefix}-values differ in length")
     if len(set(ids)) != len(ids):
         raise MalformedRecord(f"{prefix}-ids lists a client twice")
     return {int(i): bytes(value) for i, value in zip(ids, values, strict=True)}
@@ -85,9 +99,10 @@ def setup_content(message: SetupMessage, client_id: int) -> RecordDict:
 def read_setup(content: RecordDict) -> tuple[int, SetupMessage]:
     """Return the recipient's client id and the setup message."""
     record = _config(content)
-    return _parse(
-        "setup", lambda: (int(record["client-id"]), SetupMessage.from_values(dict(record)))
-    )
+    client_id = record.get("client-id")
+    if isinstance(client_id, bool) or not isinstance(client_id, int):
+        raise MalformedRecord(f"client-id is {client_id!r}, expected an integer")
+    return client_id, SetupMessage.from_values(dict(record))
 
 
 def public_keys_record(message: PublicKeysMessage) -> ConfigRecord:
@@ -105,7 +120,7 @@ def read_public_keys(content: RecordDict) -> PublicKeysMessage:
     return _parse(
         "public keys",
         lambda: PublicKeysMessage(
-            session_id=bytes(record["session-id"]),
+            session_id=_bytes(record, "session-id"),
             c_public_keys=_get_map(record, "c-public-keys"),
             s_public_keys=_get_map(record, "s-public-keys"),
         ),
@@ -123,7 +138,7 @@ def read_forwarded_shares(content: RecordDict) -> ForwardedSharesMessage:
     return _parse(
         "forwarded shares",
         lambda: ForwardedSharesMessage(
-            session_id=bytes(record["session-id"]),
+            session_id=_bytes(record, "session-id"),
             ciphertexts=_get_map(record, "ciphertexts"),
         ),
     )
@@ -138,8 +153,8 @@ def read_unmask_request(content: RecordDict) -> UnmaskRequest:
     return _parse(
         "unmask request",
         lambda: UnmaskRequest(
-            session_id=bytes(record["session-id"]),
-            survivors=tuple(int(u) for u in record["survivors"]),
+            session_id=_bytes(record, "session-id"),
+            survivors=tuple(int(u) for u in _list(record, "survivors")),
         ),
     )
 
@@ -163,9 +178,9 @@ def read_advertise_keys(content: RecordDict, client_id: int) -> AdvertiseKeysMes
         "advertised keys",
         lambda: AdvertiseKeysMessage(
             client_id=client_id,
-            session_id=bytes(record["session-id"]),
-            c_public_key=bytes(record["c-public-key"]),
-            s_public_key=bytes(record["s-public-key"]),
+            session_id=_bytes(record, "session-id"),
+            c_public_key=_bytes(record, "c-public-key"),
+            s_public_key=_bytes(record, "s-public-key"),
         ),
     )
 
@@ -182,7 +197,7 @@ def read_share_keys(content: RecordDict, client_id: int) -> ShareKeysMessage:
         "shares",
         lambda: ShareKeysMessage(
             client_id=client_id,
-            session_id=bytes(record["session-id"]),
+            session_id=_bytes(record, "session-id"),
             ciphertexts=_get_map(record, "ciphertexts"),
         ),
     )
@@ -200,7 +215,7 @@ def read_masked_input(content: RecordDict, client_id: int) -> MaskedInputMessage
     def build() -> MaskedInputMessage:
         vector = content.array_records[MASKED_INPUT_KEY]["y"].numpy()
         return MaskedInputMessage(
-            client_id=client_id, session_id=bytes(record["session-id"]), masked_input=vector
+            client_id=client_id, session_id=_bytes(record, "session-id"), masked_input=vector
         )
 
     return _parse("masked input", build)
@@ -222,7 +237,7 @@ def read_unmask_response(content: RecordDict, client_id: int) -> UnmaskResponse:
         "unmask response",
         lambda: UnmaskResponse(
             client_id=client_id,
-            session_id=bytes(record["session-id"]),
+            session_id=_bytes(record, "session-id"),
             self_mask_shares=_get_map(record, "self-mask-shares"),
             key_shares=_get_map(record, "key-shares"),
         ),
