@@ -10,7 +10,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secagg
 from client.ledger import BudgetExceeded, PrivacyEvent, PrivacyLedger
+from client.outcome import TrainOutcome, decline_content, train_metrics
 from client.release import Release, load_release, release_path, request_digest, save_release
 from client.runtime import (
     client_identity,
@@ -19,6 +21,7 @@ from client.runtime import (
     load_model,
     pii_metrics,
 )
+from client.secagg import TrainRound
 from client.train import evaluate_loss, sample_rate_for, steps_per_round, train_local
 from common.adapter import (
     arrays_to_record,
@@ -28,7 +31,9 @@ from common.adapter import (
     set_adapter_arrays,
     to_wire,
 )
-from common.config import ACCOUNTANTS, RunConfig
+from common.config import RunConfig
+from common.secagg import records
+from common.secagg.update import NoiseShare
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +54,43 @@ def build_client_app(cfg: RunConfig | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context, cfg or RunConfig.from_dict(context.run_config))
 
+    register_secagg_handlers(app, cfg, train=train_round)
     return app
+
+
+def register_secagg_handlers(
+    app: ClientApp,
+    cfg: RunConfig | None,
+    *,
+    train: TrainRound,
+    noise_share: NoiseShare | None = None,
+) -> None:
+    """Add the four secure aggregation stages (``train.secagg_*``) to ``app``.
+
+    ``train`` produces the round's update in the masked-input stage. ``noise_share`` is
+    the hook for a client's share of distributed DP noise (None: no noise is added there).
+    """
+
+    def run_config(context: Context) -> RunConfig:
+        return cfg or RunConfig.from_dict(context.run_config)
+
+    @app.train(records.SETUP_ACTION)
+    def secagg_setup(msg: Message, context: Context) -> Message:
+        return secagg.handle_setup(msg, context, run_config(context))
+
+    @app.train(records.SHARE_KEYS_ACTION)
+    def secagg_share_keys(msg: Message, context: Context) -> Message:
+        return secagg.handle_share_keys(msg, context, run_config(context))
+
+    @app.train(records.MASKED_INPUT_ACTION)
+    def secagg_masked_input(msg: Message, context: Context) -> Message:
+        return secagg.handle_masked_input(
+            msg, context, run_config(context), train=train, noise_share=noise_share
+        )
+
+    @app.train(records.UNMASK_ACTION)
+    def secagg_unmask(msg: Message, context: Context) -> Message:
+        return secagg.handle_unmask(msg, context, run_config(context))
 
 
 def client_rank(cfg: RunConfig, context: Context) -> int:
@@ -64,7 +105,7 @@ def client_rank(cfg: RunConfig, context: Context) -> int:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(
                 f"invalid node config lora-rank = {rank!r}: expected an integer >= 1, "
-                "e.g. --node-config \"lora-rank=8\""
+                'e.g. --node-config "lora-rank=8"'
             )
         return rank
     ranks = cfg.model.rank_list
@@ -73,7 +114,7 @@ def client_rank(cfg: RunConfig, context: Context) -> int:
     if "partition-id" not in node_config:
         raise ValueError(
             f"model.client-ranks = {cfg.model.client_ranks!r} assigns ranks by partition-id, "
-            "and this node has none: start the SuperNode with --node-config \"lora-rank=R\""
+            'and this node has none: start the SuperNode with --node-config "lora-rank=R"'
         )
     return ranks[int(node_config["partition-id"]) % len(ranks)]
 
@@ -127,7 +168,26 @@ def ledger_path(cfg: RunConfig, context: Context, client_id: str) -> Path:
 
 
 def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Train one round, unless the round would exceed this client's privacy budget."""
+    """Train one round and reply with the update, or decline if it would pass the budget."""
+    outcome = train_round(msg, context, cfg)
+    if outcome.release is None:
+        return Message(content=decline_content(outcome), reply_to=msg)
+    content = RecordDict(
+        {
+            "arrays": arrays_to_record(to_wire(outcome.release.arrays, outcome.wire_dtype)),
+            "metrics": MetricRecord(train_metrics(outcome)),
+            "client": ConfigRecord({"client-id": outcome.client_id, "lora-rank": outcome.rank}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def train_round(msg: Message, context: Context, cfg: RunConfig) -> TrainOutcome:
+    """Train one round, unless the round would exceed this client's privacy budget.
+
+    A round already released and counted for the same request is returned again
+    (``replayed``) without training.
+    """
     started = time.perf_counter()
     config = msg.content.config_records["config"]
     server_round = int(_config_number(config, "server-round"))
@@ -171,7 +231,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
                 client_id,
                 server_round,
             )
-            return _train_reply(msg, release, ledger, client_id, rank, wire_dtype, replayed=True)
+            return TrainOutcome(client_id, rank, wire_dtype, ledger, release, replayed=True)
         event = PrivacyEvent(noise_multiplier, float(ledger.sample_rate or sample_rate), steps)
         try:
             ledger.check_budget(event)
@@ -179,7 +239,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             logger.warning("train: %s", err)
             if server_round not in ledger.declined_rounds:
                 ledger.record_decline(server_round)
-            return _decline_reply(msg, ledger, str(err))
+            return TrainOutcome(client_id, rank, wire_dtype, ledger, decline_reason=str(err))
 
     result = train_local(
         model,
@@ -208,55 +268,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         )
         # Stored only once the event is in the ledger, so a stored update is always counted.
         save_release(release_path(ledger.path), release)
-    return _train_reply(msg, release, ledger, client_id, rank, wire_dtype, replayed=False)
-
-
-def _train_reply(
-    msg: Message,
-    release: Release,
-    ledger: PrivacyLedger | None,
-    client_id: str,
-    rank: int,
-    wire_dtype: str,
-    *,
-    replayed: bool,
-) -> Message:
-    metrics: dict[str, int | float | list[int] | list[float]] = {
-        **release.metrics,
-        "replayed": int(replayed),
-    }
-    if ledger is not None:
-        metrics.update(_privacy_metrics(ledger, ledger.epsilon()))
-    content = RecordDict(
-        {
-            "arrays": arrays_to_record(to_wire(release.arrays, wire_dtype)),
-            "metrics": MetricRecord(metrics),
-            "client": ConfigRecord({"client-id": client_id, "lora-rank": rank}),
-        }
-    )
-    return Message(content=content, reply_to=msg)
-
-
-def _privacy_metrics(ledger: PrivacyLedger, epsilon: float) -> dict[str, float | int]:
-    return {
-        "epsilon": epsilon,
-        "delta": ledger.target_delta,
-        "noise-multiplier": float(ledger.noise_multiplier or 0.0),
-        "sample-rate": float(ledger.sample_rate or 0.0),
-        "total-steps": ledger.steps,
-        "accountant-id": ACCOUNTANTS.index(ledger.accountant),
-    }
-
-
-def _decline_reply(msg: Message, ledger: PrivacyLedger, reason: str) -> Message:
-    metrics = {"num-examples": 0, "declined": 1, **_privacy_metrics(ledger, ledger.epsilon())}
-    content = RecordDict(
-        {
-            "metrics": MetricRecord(metrics),
-            "client": ConfigRecord({"client-id": ledger.client_id, "decline-reason": reason}),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+    return TrainOutcome(client_id, rank, wire_dtype, ledger, release)
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:

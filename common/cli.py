@@ -106,6 +106,12 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
         "--round-timeout", type=float, help="seconds a round waits for replies (default: 3600)"
     )
     p.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="aggregate with SecAgg+ so the server sees only the sum of the updates; needs "
+        "--norm-bound or --max-update-norm, which each client then clips its update to",
+    )
+    p.add_argument(
         "--wire-dtype",
         choices=("float32", "float16", "bfloat16"),
         help="dtype of adapter tensors on the wire (default: float32)",
@@ -288,6 +294,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             "max_update_norm": args.max_update_norm,
             "round_timeout": args.round_timeout,
             "wire_dtype": args.wire_dtype,
+            "secure_aggregation": True if args.secure_aggregation else None,
         },
     }
     changes = {

@@ -12,6 +12,8 @@ from typing import Any
 
 import tomli_w
 
+from common.secagg.fixed_point import MAX_MODULUS_BITS, MIN_MODULUS_BITS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -192,9 +194,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.local_epochs > 0, "train.local-epochs", self.local_epochs, "a number > 0")
         _require(self.batch_size >= 1, "train.batch-size", self.batch_size, "an integer >= 1")
-        _require(
-            self.learning_rate > 0, "train.learning-rate", self.learning_rate, "a number > 0"
-        )
+        _require(self.learning_rate > 0, "train.learning-rate", self.learning_rate, "a number > 0")
         _require(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, ">= 0")
         _require(
             self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, " or ".join(OPTIMIZERS)
@@ -419,6 +419,17 @@ class ServerConfig:
     received so far; the round aggregates when at least ``min_train_nodes`` updates are
     valid. ``wire_dtype`` is the dtype of adapter tensors in both directions (aggregation
     runs in float32; ``bfloat16`` needs the ml_dtypes package).
+
+    ``secure_aggregation`` runs each training round as a SecAgg+ session
+    (:mod:`server.secure_round`), so the server receives only masked updates and their
+    sum. Each client clips its own update to :attr:`client_clip_norm` (the smaller of
+    the positive ``norm_bound`` and ``max_update_norm``, one of which must be set),
+    because the server cannot check one update, and ``robust`` must be ``none``.
+    Unmasking needs ``ceil(secagg_threshold_fraction * h)`` (at least 2) of each
+    client's ``h`` share holders: its ``secagg_num_neighbours`` neighbours (0: every
+    other sampled client) and itself. Sums are taken mod ``2**secagg_modulus_bits``.
+    With ``weighting = "examples"`` a client sends its example count, capped at
+    ``secagg_max_weight``, as its weight; larger caps cost fixed-point precision.
     """
 
     num_rounds: int = 4
@@ -441,6 +452,11 @@ class ServerConfig:
     max_update_norm: float = 0.0
     max_payload_bytes: int = 0
     wire_dtype: str = "float32"
+    secure_aggregation: bool = False
+    secagg_threshold_fraction: float = 0.6
+    secagg_num_neighbours: int = 0
+    secagg_modulus_bits: int = 64
+    secagg_max_weight: int = 100_000
 
     def __post_init__(self) -> None:
         _require(self.num_rounds >= 1, "server.num-rounds", self.num_rounds, "an integer >= 1")
@@ -456,9 +472,7 @@ class ServerConfig:
             self.fraction_evaluate,
             "0 <= f <= 1",
         )
-        _require(
-            self.min_train_nodes >= 1, "server.min-train-nodes", self.min_train_nodes, ">= 1"
-        )
+        _require(self.min_train_nodes >= 1, "server.min-train-nodes", self.min_train_nodes, ">= 1")
         _require(
             self.min_available_nodes >= 1,
             "server.min-available-nodes",
@@ -514,6 +528,68 @@ class ServerConfig:
             self.wire_dtype,
             " or ".join(WIRE_DTYPES),
         )
+        self._check_secure_aggregation()
+
+    def _check_secure_aggregation(self) -> None:
+        _require(
+            0.5 < self.secagg_threshold_fraction <= 1.0,
+            "server.secagg-threshold-fraction",
+            self.secagg_threshold_fraction,
+            "0.5 < f <= 1 (more than half of each client's share holders must take part in "
+            "unmasking, or two disjoint groups could reveal both of a client's secrets)",
+        )
+        _require(
+            self.secagg_num_neighbours == 0
+            or (self.secagg_num_neighbours >= 2 and self.secagg_num_neighbours % 2 == 0),
+            "server.secagg-num-neighbours",
+            self.secagg_num_neighbours,
+            "0 (every pair of sampled clients) or an even integer >= 2",
+        )
+        _require(
+            MIN_MODULUS_BITS <= self.secagg_modulus_bits <= MAX_MODULUS_BITS,
+            "server.secagg-modulus-bits",
+            self.secagg_modulus_bits,
+            f"an integer from {MIN_MODULUS_BITS} to {MAX_MODULUS_BITS} (64 is the default)",
+        )
+        _require(
+            self.secagg_max_weight >= 1,
+            "server.secagg-max-weight",
+            self.secagg_max_weight,
+            "an integer >= 1 (the largest example count a client's weight may carry)",
+        )
+        if not self.secure_aggregation:
+            return
+        _require(
+            self.robust == "none",
+            "server.robust",
+            self.robust,
+            "none when server.secure-aggregation = true: median and trimmed mean need every "
+            "update in the clear, and secure aggregation reveals only their sum",
+        )
+        _require(
+            self.client_clip_norm > 0,
+            "server.secure-aggregation",
+            self.secure_aggregation,
+            "server.norm-bound > 0 or server.max-update-norm > 0 with it, because each "
+            "client clips its own update to that L2 norm (the server cannot check one "
+            "update under secure aggregation)",
+        )
+        _require(
+            self.min_train_nodes >= 2,
+            "server.min-train-nodes",
+            self.min_train_nodes,
+            ">= 2 when server.secure-aggregation = true (a sum of one update is that update)",
+        )
+
+    @property
+    def client_clip_norm(self) -> float:
+        """L2 bound each client clips its update to under secure aggregation; 0 when unset.
+
+        The smaller of the positive ``norm_bound`` and ``max_update_norm``: the server
+        would scale an update down to the first and reject one above the second.
+        """
+        bounds = [bound for bound in (self.norm_bound, self.max_update_norm) if bound > 0]
+        return min(bounds, default=0.0)
 
 
 @dataclass(frozen=True)
@@ -530,6 +606,13 @@ class RunConfig:
     output: str = ""
 
     def __post_init__(self) -> None:
+        _require(
+            not (self.server.secure_aggregation and self.model.rank_list),
+            "server.secure-aggregation",
+            self.server.secure_aggregation,
+            "false when model.client-ranks is set: clients of different ranks send tensors "
+            "of different shapes, which cannot be summed under one mask; use one model.lora-r",
+        )
         if not self.advertiser_dp.enabled:
             return
         reason = "when advertiser-dp.enabled = true"
@@ -552,6 +635,14 @@ class RunConfig:
             "server.norm-bound",
             self.server.norm_bound,
             f"0 {reason}: advertiser-dp.clipping-norm bounds every update already",
+        )
+        # TODO: run advertiser-level DP under secure aggregation, with each client clipping
+        # its update and adding its noise share (server.central_dp.add_noise_share).
+        _require(
+            not self.server.secure_aggregation,
+            "server.secure-aggregation",
+            self.server.secure_aggregation,
+            f"false {reason}: the server clips each update, which secure aggregation hides",
         )
 
     @classmethod

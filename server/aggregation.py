@@ -78,9 +78,9 @@ class GlobalAdapter:
     (see :func:`server.robust.aggregate`), so that mode uses equal weights over the
     sampled clients and its noise goes on the pseudo-gradient before the server optimizer.
 
-    TODO: validation and the robust rules read each client's update in the clear, so
-    they cannot run under secure aggregation as they stand. With masking, only
-    client-side norm bounding and checks on the aggregate remain.
+    Validation and the robust rules read each client's update in the clear, so under
+    secure aggregation they give way to client-side norm bounding and the checks of
+    :meth:`apply_secure_mean` on the unmasked mean (:mod:`server.secure_round`).
 
     Parameters
     ----------
@@ -232,6 +232,38 @@ class GlobalAdapter:
         self.state = self.optimizer.step(self.state, delta)
         self._sent.clear()
         return AggregationOutcome(accepted, tuple(rejected), applied=True)
+
+    def apply_secure_mean(
+        self, delta: Mapping[str, np.ndarray], contributors: Sequence[str]
+    ) -> AggregationOutcome:
+        """Step the server optimizer with the mean delta that secure aggregation unmasked.
+
+        Only this mean is visible, so the checks that remain are its tensor names, shapes
+        and finiteness. A failed check is logged as an ERROR, and the global adapter is kept.
+        """
+        accepted = tuple(sorted(contributors))
+        expected = {key: np.shape(value) for key, value in self.state.items()}
+        found = {key: np.shape(value) for key, value in delta.items()}
+        problem = ""
+        if expected != found:
+            differing = sorted(set(expected) ^ set(found)) or sorted(
+                key for key in expected if expected[key] != found[key]
+            )
+            problem = f"its tensors differ from the global adapter's (e.g. {differing[:2]})"
+        elif not all(np.all(np.isfinite(value)) for value in delta.values()):
+            problem = "it contains NaN or infinite values"
+        if problem:
+            logger.error(
+                "aggregate_train: the unmasked mean of %s clients is invalid: %s; keeping "
+                "the global adapter",
+                len(accepted),
+                problem,
+            )
+            return AggregationOutcome(accepted, (), applied=False)
+        as_float64 = {key: np.asarray(value, np.float64) for key, value in delta.items()}
+        self.state = self.optimizer.step(self.state, as_float64)
+        self._sent.clear()
+        return AggregationOutcome(accepted, (), applied=True)
 
     # -- checkpoint -------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from server.checkpoint import (
 from server.evaluate import ServerEvaluator
 from server.nodes import (
     Node,
+    RoundResult,
     discover_nodes,
     sample_nodes,
     servable_nodes,
@@ -46,6 +47,7 @@ from server.nodes import (
     weighted_train_loss,
 )
 from server.recorder import ClientPrivacy, RunRecorder
+from server.secure_round import run_secure_round
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +147,14 @@ def run_rounds(
             "run: record-level DP is OFF: only the server's advertiser-level DP protects the "
             "global adapter, and each client's update reaches the server without noise"
         )
+    if cfg.server.secure_aggregation:
+        logger.info(
+            "run: secure aggregation on: per-client validation moved to clients, which clip "
+            "their update to L2 norm %g; the server checks only the unmasked mean",
+            cfg.server.client_clip_norm,
+        )
+    else:
+        logger.info("run: secure aggregation off: the server receives each client's update")
     wire_numpy_dtype(cfg.server.wire_dtype)  # fails now, not in round 1, if ml_dtypes is missing
 
     start_round = 1
@@ -189,18 +199,14 @@ def run_rounds(
             len(nodes),
         )
         config = ConfigRecord({"server-round": server_round, **base_config})
-        messages, bytes_down = train_messages(sampled, strategy, config, server.wire_dtype)
-        replies = list(grid.send_and_receive(messages, timeout=server.round_timeout))
-        received = sort_replies(replies, sampled, server_round)
+        if server.secure_aggregation:
+            result = run_secure_round(grid, sampled, strategy, config, cfg, server_round)
+        else:
+            result = _plain_round(grid, sampled, strategy, config, cfg, server_round, len(nodes))
+        received = result.replies
         for client_id, metrics in [*received.trained_metrics.items(), *received.declined]:
             recorder.update_client(client_id, server_round, metrics)
-
-        # Validate and aggregate the updates; rejected ones are logged with their reason.
-        sampling = RoundSampling(server_round, len(sampled), len(nodes))
-        outcome = strategy.aggregate(
-            received.updates, min_updates=server.min_train_nodes, sampling=sampling
-        )
-        train_loss = weighted_train_loss(received.trained_metrics, outcome.accepted)
+        train_loss = weighted_train_loss(received.trained_metrics, result.accepted)
 
         # Evaluate on held-out records and save the global adapter.
         arrays = strategy.adapter()
@@ -217,17 +223,17 @@ def run_rounds(
         max_epsilon = recorder.max_epsilon()
         row = {
             "round": server_round,
-            "num_sampled": len(messages),
-            "num_replies": len(replies),
-            "num_trained": len(received.updates),
-            "num_accepted": len(outcome.accepted),
-            "num_rejected": len(outcome.rejected),
+            "num_sampled": result.num_sampled,
+            "num_replies": result.num_replies,
+            "num_trained": len(received.trained_metrics),
+            "num_accepted": len(result.accepted),
+            "num_rejected": result.num_rejected,
             "num_declined": len(received.declined),
             "num_failed": len(received.failures),
             "num_replayed": sum(
                 int(m.get("replayed", 0)) for m in received.trained_metrics.values()
             ),
-            "aggregated": outcome.applied,
+            "aggregated": result.applied,
             "train_loss": train_loss,
             "eval_loss": eval_metrics.get("eval-loss"),
             "bleu": eval_metrics.get("bleu"),
@@ -236,8 +242,9 @@ def run_rounds(
             "advertiser_epsilon": recorder.advertiser_epsilon(),
             "advertiser_clipping_norm": _last_clipping_norm(strategy, server_round),
             "bytes_up": received.bytes_up,
-            "bytes_down": bytes_down,
+            "bytes_down": result.bytes_down,
             "round_time_s": time.perf_counter() - started,
+            **result.extra,
         }
         recorder.append_round(row)
         save_checkpoint(
@@ -270,7 +277,7 @@ def run_rounds(
             _fmt(row["bleu"]),
             _fmt(max_epsilon),
             received.bytes_up,
-            bytes_down,
+            result.bytes_down,
             row["round_time_s"],
         )
     return strategy.adapter()
@@ -284,6 +291,37 @@ def _last_clipping_norm(strategy: GlobalAdapter, server_round: int) -> float | N
     if releases and releases[-1].server_round == server_round:
         return releases[-1].clipping_norm
     return None
+
+
+def _plain_round(
+    grid: Grid,
+    sampled: list[Node],
+    strategy: GlobalAdapter,
+    config: ConfigRecord,
+    cfg: RunConfig,
+    server_round: int,
+    num_available: int,
+) -> RoundResult:
+    """Train ``sampled`` clients, then validate and aggregate their updates in the clear."""
+    server = cfg.server
+    messages, bytes_down = train_messages(sampled, strategy, config, server.wire_dtype)
+    replies = list(grid.send_and_receive(messages, timeout=server.round_timeout))
+    received = sort_replies(replies, sampled, server_round)
+
+    # Validate and aggregate the updates; rejected ones are logged with their reason.
+    sampling = RoundSampling(server_round, len(sampled), num_available)
+    outcome = strategy.aggregate(
+        received.updates, min_updates=server.min_train_nodes, sampling=sampling
+    )
+    return RoundResult(
+        received,
+        num_sampled=len(messages),
+        num_replies=len(replies),
+        accepted=outcome.accepted,
+        num_rejected=len(outcome.rejected),
+        applied=outcome.applied,
+        bytes_down=bytes_down,
+    )
 
 
 def _fmt(value: float | None) -> str:

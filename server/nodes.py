@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -65,7 +65,7 @@ def discover_nodes(grid: Grid, known: dict[int, Node], cfg: RunConfig) -> list[N
                 continue
             try:
                 client = reply.content.config_records["client"]
-                node = Node(node_id, str(client["client-id"]), int(_number(client["lora-rank"])))
+                node = Node(node_id, str(client["client-id"]), int(as_number(client["lora-rank"])))
             except (KeyError, TypeError, ValueError) as err:
                 logger.warning("query: node %s sent a malformed reply (%r)", node_id, err)
                 continue
@@ -118,7 +118,12 @@ def servable_nodes(nodes: list[Node], strategy: GlobalAdapter, warned: set[int])
 
 
 def train_messages(
-    nodes: Sequence[Node], strategy: GlobalAdapter, config: ConfigRecord, wire_dtype: str
+    nodes: Sequence[Node],
+    strategy: GlobalAdapter,
+    config: ConfigRecord,
+    wire_dtype: str,
+    *,
+    message_type: str = MessageType.TRAIN,
 ) -> tuple[list[Message], int]:
     """One train message per node, carrying the adapter of its rank; return them and bytes."""
     adapters = strategy.client_adapters(node.rank for node in nodes)
@@ -132,7 +137,7 @@ def train_messages(
         Message(
             RecordDict({"arrays": records[node.rank], "config": config}),
             node.node_id,
-            MessageType.TRAIN,
+            message_type,
         )
         for node in nodes
     ]
@@ -148,6 +153,23 @@ class RoundReplies:
     trained_metrics: dict[str, dict]
     failures: list[str]
     bytes_up: int
+
+
+@dataclass
+class RoundResult:
+    """What one training round did, plain or under secure aggregation, for the metrics row.
+
+    ``extra`` contains row entries of one mode only (e.g. the secure aggregation error bound).
+    """
+
+    replies: RoundReplies
+    num_sampled: int
+    num_replies: int
+    accepted: tuple[str, ...]
+    num_rejected: int
+    applied: bool
+    bytes_down: int
+    extra: dict = field(default_factory=dict)
 
 
 def sort_replies(
@@ -171,7 +193,7 @@ def sort_replies(
             continue
         try:
             metrics = dict(reply.content.metric_records["metrics"])
-            if _number(metrics.get("declined", 0)):
+            if as_number(metrics.get("declined", 0)):
                 result.declined.append((node.client_id, metrics))
                 continue
             record = reply.content.array_records["arrays"]
@@ -179,7 +201,7 @@ def sort_replies(
             update = ClientUpdate(
                 client_id=node.client_id,
                 arrays=arrays,
-                num_examples=_number(metrics["num-examples"]),
+                num_examples=as_number(metrics["num-examples"]),
                 rank=node.rank,
                 wire_bytes=record_bytes(record),
             )
@@ -197,7 +219,7 @@ def sort_replies(
     return result
 
 
-def _number(value: object) -> float:
+def as_number(value: object) -> float:
     """A metric or config value that must be a number; TypeError names what it was."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected a number, got {type(value).__name__}")
@@ -210,6 +232,6 @@ def weighted_train_loss(metrics: dict[str, dict], client_ids: Sequence[str]) -> 
     for client_id in client_ids:
         loss = metrics[client_id].get("train-loss")
         if isinstance(loss, (int, float)) and np.isfinite(loss):
-            pairs.append((_number(metrics[client_id]["num-examples"]), float(loss)))
+            pairs.append((as_number(metrics[client_id]["num-examples"]), float(loss)))
     total = sum(weight for weight, _ in pairs)
     return sum(weight * loss for weight, loss in pairs) / total if total > 0 else None

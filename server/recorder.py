@@ -16,9 +16,13 @@ from server.central_dp import AdvertiserDP
 
 logger = logging.getLogger(__name__)
 
-# TODO: read this from the run config once secure aggregation runs in the round loop;
-# until then the server receives every client's update unmasked.
-SECURE_AGGREGATION = False
+# Stated in privacy.json and the report whenever secure aggregation is on.
+SECURE_AGGREGATION_VALIDATION = (
+    "secure aggregation on: per-client validation moved to clients. Each client rejects its "
+    "own non-finite update and clips its update to the configured L2 norm before masking; "
+    "the server checks only the shapes and finiteness of the unmasked aggregate, and "
+    "robust aggregation (median, trimmed mean) is unavailable"
+)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -77,10 +81,17 @@ def not_protected(cfg: RunConfig | None = None) -> list[str]:
         return items
 
     privacy = cfg.privacy
-    if not SECURE_AGGREGATION:
+    if not cfg.server.secure_aggregation:
         items.append(
             "The run used no secure aggregation, so the server sees each client's individual "
             "adapter update. With record-level DP that update is noised, but it is not hidden."
+        )
+    else:
+        items.append(
+            "Secure aggregation hides each client's update from an honest-but-curious server "
+            "only. The server cannot check one update, so a malicious client can send any "
+            "vector within the fixed-point range, and clients colluding with the server can "
+            "learn more than the sum."
         )
     advertiser = cfg.advertiser_dp
     if advertiser.enabled:
@@ -218,6 +229,7 @@ class RunRecorder:
         the run protects, and ``advertiser`` describes advertiser-level DP (None when off).
         """
         privacy = self.cfg.privacy
+        server = self.cfg.server
         accountant = privacy.accountant_in_use
         note = None
         if accountant != privacy.accountant:
@@ -244,7 +256,8 @@ class RunRecorder:
             "num_rounds": self.cfg.server.num_rounds,
             "secure_mode": privacy.dp and privacy.secure_mode,
             "production": privacy.production,
-            "secure_aggregation": SECURE_AGGREGATION,
+            "secure_aggregation": server.secure_aggregation,
+            "secure_aggregation_settings": self._secure_aggregation_settings(),
             "pii_scrubbing": {
                 "enabled": bool(privacy.scrub_kind_set),
                 "kinds": sorted(privacy.scrub_kind_set),
@@ -266,6 +279,22 @@ class RunRecorder:
                 }
                 for client_id, entry in sorted(self.clients.items())
             },
+        }
+
+    def _secure_aggregation_settings(self) -> dict[str, Any] | None:
+        """Secure aggregation parameters and the validation trade-off; None when off."""
+        server = self.cfg.server
+        if not server.secure_aggregation:
+            return None
+        return {
+            "protocol": "SecAgg+" if server.secagg_num_neighbours else "SecAgg",
+            "threshold_fraction": server.secagg_threshold_fraction,
+            "num_neighbours": server.secagg_num_neighbours or None,
+            "modulus_bits": server.secagg_modulus_bits,
+            "weighting": server.weighting,
+            "max_weight": server.secagg_max_weight if server.weighting == "examples" else 1,
+            "client_clip_norm": server.client_clip_norm,
+            "update_validation": SECURE_AGGREGATION_VALIDATION,
         }
 
     def write_privacy(self) -> Path:

@@ -434,6 +434,15 @@ def _privacy_settings(privacy: dict[str, Any]) -> list[str]:
     note = privacy.get("accountant_note")
     if isinstance(note, str) and note:
         lines += [f"NOTE: {note}.", ""]
+    settings = privacy.get("secure_aggregation_settings")
+    if privacy.get("secure_aggregation") and isinstance(settings, dict):
+        lines += [
+            (f"NOTE: {settings.get('update_validation')}. Clients clip to L2 norm "
+             f"{_fmt(settings.get('client_clip_norm'))}; {_fmt(settings.get('protocol'))} "
+             f"with threshold fraction {_fmt(settings.get('threshold_fraction'))} and a "
+             f"2^{_fmt(settings.get('modulus_bits'))} modulus."),
+            "",
+        ]
     return lines
 
 

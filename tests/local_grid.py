@@ -8,7 +8,7 @@ given round's replies arrived, as a crash would.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -16,10 +16,21 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import handle_query, handle_train
+from client.app import handle_query, handle_train, register_secagg_handlers
+from client.outcome import TrainOutcome
+from client.release import Release
 from client.runtime import client_identity
 from common.adapter import arrays_to_record, from_wire, record_to_arrays, to_wire
 from common.config import RunConfig
+from common.secagg import records
+
+# Secure aggregation actions in the order the server sends them.
+SECAGG_ACTIONS = (
+    records.SETUP_ACTION,
+    records.SHARE_KEYS_ACTION,
+    records.MASKED_INPUT_ACTION,
+    records.UNMASK_ACTION,
+)
 
 
 class ServerStopped(RuntimeError):
@@ -44,6 +55,11 @@ class LocalGrid(Grid):
         Raise :class:`ServerStopped` once the clients replied to this round.
     node_configs : mapping of int to dict
         Extra node config entries by partition id (e.g. ``lora-rank``).
+    dropouts : mapping of int to str
+        Partition id to the secure aggregation action (e.g. ``"secagg_masked_input"``)
+        from which that node stops replying, as a client that vanished mid-round.
+    dropout_rounds : collection of int or None
+        Rounds in which ``dropouts`` apply, counted by setup messages; None: every round.
     """
 
     def __init__(
@@ -56,6 +72,8 @@ class LocalGrid(Grid):
         stop_after_round: int | None = None,
         on_message: Callable[[Message], None] | None = None,
         node_configs: Mapping[int, dict] | None = None,
+        dropouts: Mapping[int, str] | None = None,
+        dropout_rounds: Collection[int] | None = None,
     ) -> None:
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = 1
@@ -82,6 +100,10 @@ class LocalGrid(Grid):
             for node_id, pid in self.partitions.items()
         }
         self.sent: list[Message] = []
+        self.replies: list[Message] = []
+        self.dropouts = dict(dropouts or {})
+        self.dropout_rounds = None if dropout_rounds is None else set(dropout_rounds)
+        self.secagg_round = 0
 
     def set_run(self, run) -> None:  # pragma: no cover - not used by the round loop
         raise NotImplementedError
@@ -102,16 +124,30 @@ class LocalGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
         raise NotImplementedError
 
+    def _dropped(self, partition_id: int, message_type: str) -> bool:
+        """Whether the node has vanished by the secure aggregation stage of ``message_type``."""
+        action = message_type.partition(".")[2]
+        if partition_id not in self.dropouts or action not in SECAGG_ACTIONS:
+            return False
+        if self.dropout_rounds is not None and self.secagg_round not in self.dropout_rounds:
+            return False
+        return SECAGG_ACTIONS.index(action) >= SECAGG_ACTIONS.index(self.dropouts[partition_id])
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
         replies = []
         server_round = None
+        messages = list(messages)
+        if any(m.metadata.message_type == f"train.{SECAGG_ACTIONS[0]}" for m in messages):
+            self.secagg_round += 1
         for message in messages:
             self.sent.append(message)
             if self.on_message is not None:
                 self.on_message(message)
             node_id = message.metadata.dst_node_id
-            is_train = message.metadata.message_type == "train"
-            if is_train:
+            message_type = message.metadata.message_type
+            if self._dropped(self.partitions[node_id], message_type):
+                continue
+            if "config" in message.content and message_type.startswith("train"):
                 server_round = int(message.content["config"]["server-round"])
                 if self.partitions[node_id] in self.silent:
                     continue
@@ -119,6 +155,7 @@ class LocalGrid(Grid):
                 replies.append(self.client_app(message, self.contexts[node_id]))
             except Exception as err:  # noqa: BLE001 - Flower turns any ClientApp error into an error reply
                 replies.append(Message(Error(code=0, reason=repr(err)), reply_to=message))
+        self.replies.extend(replies)
         if server_round is not None and server_round == self.stop_after_round:
             raise ServerStopped(f"server stopped after round {server_round} replies")
         return replies
@@ -137,7 +174,8 @@ def synthetic_client_app(
 ) -> ClientApp:
     """ClientApp that speaks the fedads protocol but trains by adding a seeded step.
 
-    The real :func:`client.app.handle_query` replies to queries. A train message's
+    The real :func:`client.app.handle_query` replies to queries, and the real secure
+    aggregation handlers mask the same synthetic update. A train message's
     adapter comes back as ``received + 0.01 * N(0, 1)`` (seeded by partition id and
     round), cast to the requested wire dtype, with ``num-examples = 10 + partition id``.
     ``behaviours[partition_id]`` turns the honest update into a hostile one or raises;
@@ -150,11 +188,9 @@ def synthetic_client_app(
     def query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context, cfg)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        config = msg.content["config"]
+    def synthetic_update(msg: Message, context: Context) -> dict[str, np.ndarray]:
         partition_id = int(context.node_config["partition-id"])
-        server_round = int(config["server-round"])
+        server_round = int(msg.content["config"]["server-round"])
         received = from_wire(record_to_arrays(msg.content.array_records["arrays"]))
         rng = np.random.default_rng([partition_id, server_round])
         update = {
@@ -163,6 +199,25 @@ def synthetic_client_app(
         }
         if partition_id in behaviours:
             update = behaviours[partition_id](update, received)
+        return update
+
+    def train_round(msg: Message, context: Context, run_cfg: RunConfig) -> TrainOutcome:
+        update = synthetic_update(msg, context)
+        partition_id = int(context.node_config["partition-id"])
+        if replies is not None:
+            replies[(partition_id, int(msg.content["config"]["server-round"]))] = update
+        metrics = {"num-examples": 10 + partition_id, "train-loss": 1.0, "declined": 0}
+        release = Release(0, "", update, metrics)
+        return TrainOutcome(client_identity(context), cfg.model.lora_r, "float32", None, release)
+
+    register_secagg_handlers(app, cfg, train=train_round)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = msg.content["config"]
+        partition_id = int(context.node_config["partition-id"])
+        server_round = int(config["server-round"])
+        update = synthetic_update(msg, context)
         # Honest tensors travel in the wire dtype; a hostile dtype is sent as it is.
         wire = {
             name: to_wire({name: value}, str(config["wire-dtype"]))[name]
