@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.adapter import payload_bytes
+from common.adapter import BFLOAT16, payload_bytes
 from common.config import RunConfig
 from server.aggregation import ClientUpdate, GlobalAdapter, MixedRankAdapter, build_global_adapter
 
@@ -184,6 +184,40 @@ def test_float16_wire_keeps_float32_state():
 def test_float32_reply_rejected_on_float16_wire():
     initial = adapter(2, seed=0)
     strategy = GlobalAdapter(initial, run_config(**{"wire-dtype": "float16"}))
+    outcome = strategy.aggregate(honest_updates(initial, count=1), min_updates=1)
+    assert [error.reason for error in outcome.rejected] == ["dtype"]
+
+
+def test_bfloat16_wire_keeps_float32_state():
+    initial = adapter(2, seed=0)
+    strategy = GlobalAdapter(initial, run_config(**{"wire-dtype": "bfloat16"}))
+    sent = strategy.sent_adapter(2)
+    first = min(initial)
+    assert sent[first].dtype == np.float32
+    assert not np.array_equal(sent[first], initial[first])  # rounded on the wire
+    np.testing.assert_allclose(sent[first], initial[first], rtol=2.0**-8)
+
+    # Every client moved each tensor by +0.01 from what it received and sent it in bfloat16.
+    # The state moves by the mean of the decoded steps, so wire rounding changes the steps
+    # but not the float32 global adapter they are added to.
+    updates = [
+        ClientUpdate(
+            f"client-{i}", {k: (v + 0.01).astype(BFLOAT16) for k, v in sent.items()}, 5.0, 2
+        )
+        for i in range(2)
+    ]
+    outcome = strategy.aggregate(updates, min_updates=2)
+    assert outcome.applied
+    assert outcome.accepted == ("client-0", "client-1")
+    for key in initial:
+        assert strategy.state[key].dtype == np.float32
+        step = (sent[key] + 0.01).astype(BFLOAT16).astype(np.float64) - sent[key]
+        np.testing.assert_allclose(strategy.state[key], initial[key] + step, rtol=0, atol=1e-6)
+
+
+def test_float32_reply_rejected_on_bfloat16_wire():
+    initial = adapter(2, seed=0)
+    strategy = GlobalAdapter(initial, run_config(**{"wire-dtype": "bfloat16"}))
     outcome = strategy.aggregate(honest_updates(initial, count=1), min_updates=1)
     assert [error.reason for error in outcome.rejected] == ["dtype"]
 
