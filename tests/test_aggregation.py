@@ -141,6 +141,32 @@ def test_median_neutralizes_boosted_update():
         assert np.all(strategy.state[key] <= stacked.max(axis=0) + 1e-6)
 
 
+@pytest.mark.parametrize(("count", "trim_fraction"), [(3, 0.34), (4, 0.25)])
+def test_trimmed_mean_few_clients_is_median(count, trim_fraction):
+    # Trimming one from each end of 3 or 4 values leaves the median's middle value(s).
+    initial = adapter(2, seed=0)
+    trimmed = GlobalAdapter(
+        initial, run_config(robust="trimmed-mean", **{"trim-fraction": trim_fraction})
+    )
+    median = GlobalAdapter(initial, run_config(robust="median"))
+    updates = honest_updates(initial, count=count)
+    assert trimmed.aggregate(updates, min_updates=count).applied
+    assert median.aggregate(updates, min_updates=count).applied
+    for key in initial:
+        np.testing.assert_allclose(trimmed.state[key], median.state[key], rtol=0, atol=1e-6)
+
+
+def test_median_even_count_averages_middle_pair():
+    initial = adapter(2, seed=0)
+    strategy = GlobalAdapter(initial, run_config(robust="median"))
+    updates = honest_updates(initial, count=4)
+    assert strategy.aggregate(updates, min_updates=4).applied
+    for key in initial:
+        ordered = np.sort(np.stack([update.arrays[key] for update in updates]), axis=0)
+        expected = (ordered[1].astype(np.float64) + ordered[2]) / 2
+        np.testing.assert_allclose(strategy.state[key], expected, rtol=0, atol=1e-6)
+
+
 def test_norm_bound_limits_boosted_update():
     initial = adapter(2, seed=0)
     boosted = hostile_updates(initial)[-1]
@@ -328,3 +354,34 @@ def test_mixed_ranks_with_fedadam_steps_in_product_space():
         np.testing.assert_allclose(
             strategy.state[prefix(layer, module)], expected, rtol=1e-4, atol=1e-6
         )
+
+
+def test_mixed_ranks_median_is_taken_in_product_space():
+    strategy = MixedRankAdapter(adapter(16, seed=0), mixed_config(robust="median"))
+    ranks = [4, 8, 16]
+    clients = [adapter(rank, seed=20 + rank) for rank in ranks]
+    updates = [
+        ClientUpdate(f"client-{i}", tensors, 10.0, rank=ranks[i])
+        for i, tensors in enumerate(clients)
+    ]
+    outcome = strategy.aggregate(updates, min_updates=3)
+    assert outcome.applied
+    assert not outcome.rejected
+
+    # The median is taken over the clients' ΔW_i, entry by entry. A rule on lora_A and
+    # lora_B could not be applied, because their shapes differ between ranks.
+    for layer, module, _, _ in MODULES:
+        stacked = np.stack(
+            [
+                delta_w(tensors, layer, module, LORA_ALPHA / rank)
+                for tensors, rank in zip(clients, ranks)
+            ]
+        )
+        np.testing.assert_allclose(
+            strategy.state[prefix(layer, module)], np.median(stacked, axis=0), rtol=1e-5, atol=1e-5
+        )
+    adapters = strategy.client_adapters(ranks)
+    for rank in ranks:
+        layer, module, in_features, _ = MODULES[0]
+        lora_a = adapters[rank][KEY.format(layer=layer, module=module, matrix="A")]
+        assert lora_a.shape == (rank, in_features)
