@@ -1,4 +1,4 @@
-"""Markdown report and plots of a finished simulation run folder."""
+"""Markdown report of a finished simulation run folder (plots: :mod:`simulations.plots`)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-
 from common.config import PRV_MAX_EPSILON
 from server.recorder import not_protected
+from simulations.plots import remove_plots, write_plots
 
 __all__ = ["load_metrics", "write_report"]
 
@@ -227,56 +224,6 @@ def _last_value(rows: Sequence[dict[str, Any]], key: str) -> tuple[Any, int | No
 
 
 # ---------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------
-
-
-def _plot_rounds(
-    path: Path,
-    *,
-    title: str,
-    ylabel: str,
-    rows: Sequence[dict[str, Any]],
-    series: Sequence[tuple[str, str]],
-    hline: tuple[str, float] | None = None,
-    y_from_zero: bool = False,
-) -> bool:
-    """Plot ``(label, key)`` series per round into ``path`` and return whether it was written.
-
-    Rounds where a key is null are skipped. When no series has a value, no file is
-    written and a stale one from an earlier report is removed.
-    """
-    points = []
-    for label, key in series:
-        xs = [row["round"] for row in rows if row.get(key) is not None]
-        ys = [row[key] for row in rows if row.get(key) is not None]
-        if xs:
-            points.append((label, xs, ys))
-    if not points:
-        path.unlink(missing_ok=True)
-        return False
-
-    # A bare Figure with the Agg canvas needs no display and leaves pyplot's global state alone.
-    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for label, xs, ys in points:
-        axes.plot(xs, ys, marker="o", label=label)
-    if hline is not None:
-        axes.axhline(hline[1], color="tab:red", linestyle="--", label=hline[0])
-    if y_from_zero:
-        axes.set_ylim(bottom=0.0)
-    axes.set_title(title)
-    axes.set_xlabel("round")
-    axes.set_ylabel(ylabel)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.savefig(path, dpi=100)
-    return True
-
-
-# ---------------------------------------------------------------------------
 # Report sections
 # ---------------------------------------------------------------------------
 
@@ -326,43 +273,19 @@ def _summary_section(
 def _plots_section(run_dir: Path, rows: Sequence[dict[str, Any]], privacy: dict[str, Any]) -> list[str]:
     lines = ["## Training curves", ""]
     if not rows:
-        for name in ("loss.png", "bleu.png", "epsilon.png"):
-            (run_dir / name).unlink(missing_ok=True)
+        remove_plots(run_dir)
         return lines + [
             (f"{METRICS_FILE} contains no rounds: the run ended before its first round "
              "finished, so there is nothing to plot."),
             "",
         ]
-
-    if _plot_rounds(
-        run_dir / "loss.png", title="Loss per round", ylabel="loss", rows=rows,
-        series=[("train loss", "train_loss"), ("eval loss", "eval_loss")],
-    ):
-        lines += ["![Train and eval loss per round](loss.png)", ""]
-    else:
-        lines += ["No round reported a train or eval loss.", ""]
-
-    if _plot_rounds(
-        run_dir / "bleu.png", title="BLEU per round (server evaluation)", ylabel="BLEU",
-        rows=rows, series=[("BLEU", "bleu")],
-    ):
-        lines += ["![BLEU per round](bleu.png)", ""]
-    else:
-        lines += ["No round ran a server BLEU evaluation.", ""]
-
     target = privacy.get("target_epsilon")
-    hline = ("target ε", float(target)) if _is_number(target) else None
-    if not privacy["dp_enabled"]:
-        (run_dir / "epsilon.png").unlink(missing_ok=True)
-        lines += ["DP was off, so there is no ε to plot.", ""]
-    elif _plot_rounds(
-        run_dir / "epsilon.png", title="Largest ε spent among clients", ylabel="ε",
-        rows=rows, series=[("max ε", "max_epsilon")], hline=hline, y_from_zero=True,
-    ):
-        lines += ["![Max ε per round and target ε](epsilon.png)", ""]
-    else:
-        lines += ["No round reported an ε.", ""]
-    return lines
+    return lines + write_plots(
+        run_dir,
+        rows,
+        dp_enabled=privacy["dp_enabled"],
+        target_epsilon=float(target) if _is_number(target) else None,
+    )
 
 
 def _privacy_settings(privacy: dict[str, Any]) -> list[str]:
