@@ -104,9 +104,7 @@ def load_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
     """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: pass a run folder written by `fedads simulate`"
-        )
+        raise FileNotFoundError(f"{path} not found: pass a run folder written by `fedads simulate`")
 
     rows: dict[int, dict[str, Any]] = {}
     with path.open(encoding="utf-8") as handle:
@@ -125,7 +123,8 @@ def load_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
             if row["round"] in rows:
                 logger.warning(
                     "load_metrics: round %s appears again at %s, keeping the later line",
-                    row["round"], where,
+                    row["round"],
+                    where,
                 )
             rows[row["round"]] = row
     return [rows[round_number] for round_number in sorted(rows)]
@@ -270,13 +269,17 @@ def _summary_section(
     return lines + [""]
 
 
-def _plots_section(run_dir: Path, rows: Sequence[dict[str, Any]], privacy: dict[str, Any]) -> list[str]:
+def _plots_section(
+    run_dir: Path, rows: Sequence[dict[str, Any]], privacy: dict[str, Any]
+) -> list[str]:
     lines = ["## Training curves", ""]
     if not rows:
         remove_plots(run_dir)
         return lines + [
-            (f"{METRICS_FILE} contains no rounds: the run ended before its first round "
-             "finished, so there is nothing to plot."),
+            (
+                f"{METRICS_FILE} contains no rounds: the run ended before its first round "
+                "finished, so there is nothing to plot."
+            ),
             "",
         ]
     target = privacy.get("target_epsilon")
@@ -333,8 +336,10 @@ def _privacy_section(privacy: dict[str, Any]) -> list[str]:
 
     if not privacy["dp_enabled"]:
         lines += [
-            ("**Differential privacy was OFF for this run.** No noise was added, so the "
-             "run gives no (ε, δ) guarantee and any ε below is not a privacy guarantee."),
+            (
+                "**Differential privacy was OFF for this run.** No noise was added, so the "
+                "run gives no (ε, δ) guarantee and any ε below is not a privacy guarantee."
+            ),
             "",
         ]
     lines += _privacy_settings(privacy)
@@ -346,8 +351,10 @@ def _privacy_section(privacy: dict[str, Any]) -> list[str]:
         return lines + ["No per-client privacy accounting was recorded.", ""]
 
     lines += [
-        ("| client | ε | δ | accountant | noise multiplier | sample rate | steps "
-         "| rounds joined | declined rounds |"),
+        (
+            "| client | ε | δ | accountant | noise multiplier | sample rate | steps "
+            "| rounds joined | declined rounds |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     over_prv_range = False
@@ -359,29 +366,42 @@ def _privacy_section(privacy: dict[str, Any]) -> list[str]:
         if _is_number(epsilon) and _is_number(target) and epsilon > target:
             epsilon_text += " (over target)"
         client_accountant = entry.get("accountant") or accountant
-        if (client_accountant == "prv" and _is_number(epsilon) and math.isfinite(epsilon)
-                and epsilon > PRV_MAX_EPSILON):
+        if (
+            client_accountant == "prv"
+            and _is_number(epsilon)
+            and math.isfinite(epsilon)
+            and epsilon > PRV_MAX_EPSILON
+        ):
             over_prv_range = True
         if privacy.get("secure_mode") and entry.get("secure_mode") is False:
             insecure_clients.append(client_id)
         cells = [
-            client_id, epsilon_text, _fmt(entry.get("delta"), ".1e"), _fmt(client_accountant),
-            _fmt(entry.get("noise_multiplier")), _fmt(entry.get("sample_rate")),
-            _fmt(entry.get("steps")), _fmt_rounds(entry.get("rounds_joined")),
+            client_id,
+            epsilon_text,
+            _fmt(entry.get("delta"), ".1e"),
+            _fmt(client_accountant),
+            _fmt(entry.get("noise_multiplier")),
+            _fmt(entry.get("sample_rate")),
+            _fmt(entry.get("steps")),
+            _fmt_rounds(entry.get("rounds_joined")),
             _fmt_rounds(entry.get("declined_rounds")),
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines.append("")
     if over_prv_range:
         lines += [
-            (f"NOTE: the PRV accountant is inaccurate above ε ≈ {PRV_MAX_EPSILON:g}, "
-             "so treat the larger ε values above as estimates."),
+            (
+                f"NOTE: the PRV accountant is inaccurate above ε ≈ {PRV_MAX_EPSILON:g}, "
+                "so treat the larger ε values above as estimates."
+            ),
             "",
         ]
     if insecure_clients:
         lines += [
-            (f"NOTE: clients {', '.join(insecure_clients)} reported training without secure "
-             "mode, although the run asked for it."),
+            (
+                f"NOTE: clients {', '.join(insecure_clients)} reported training without secure "
+                "mode, although the run asked for it."
+            ),
             "",
         ]
     return lines
@@ -454,11 +474,14 @@ def write_report(run_dir: Path) -> Path:
     eval_path = run_dir / EVAL_FILE
     evaluation = _load_json_object(eval_path) if eval_path.is_file() else None
     if not rows:
-        logger.warning("write_report: %s has no rounds, writing a report without curves",
-                       run_dir / METRICS_FILE)
+        logger.warning(
+            "write_report: %s has no rounds, writing a report without curves",
+            run_dir / METRICS_FILE,
+        )
     if not privacy["dp_enabled"]:
-        logger.warning("write_report: DP was off in %s, the report marks the run unprotected",
-                       run_dir)
+        logger.warning(
+            "write_report: DP was off in %s, the report marks the run unprotected", run_dir
+        )
 
     lines = [f"# Run report: {run_dir.name}", ""]
     lines += _summary_section(rows, privacy, evaluation)
