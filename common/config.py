@@ -417,8 +417,8 @@ class ServerConfig:
     ``max_update_norm``, or whose tensor data exceeds ``max_payload_bytes``, are rejected
     (0 turns either check off). ``round_timeout`` (seconds) ends a round with the replies
     received so far; the round aggregates when at least ``min_train_nodes`` updates are
-    valid. ``wire_dtype`` is the dtype of adapter tensors in both directions (aggregation
-    runs in float32; ``bfloat16`` needs the ml_dtypes package).
+    valid. ``wire_dtype`` is the dtype of adapter tensors in both directions: ``float16``
+    and ``bfloat16`` halve the bytes of ``float32``, and aggregation runs in float32.
 
     ``secure_aggregation`` runs each training round as a SecAgg+ session
     (:mod:`server.secure_round`), so the server receives only masked updates and their

@@ -20,7 +20,6 @@ from common.adapter import (
     frozen_lora_digest,
     get_adapter_arrays,
     save_adapter,
-    wire_numpy_dtype,
 )
 from common.config import RunConfig
 from common.model import build_lora_model, load_tokenizer
@@ -155,7 +154,6 @@ def run_rounds(
         )
     else:
         logger.info("run: secure aggregation off: the server receives each client's update")
-    wire_numpy_dtype(cfg.server.wire_dtype)  # fails now, not in round 1, if ml_dtypes is missing
 
     start_round = 1
     checkpoint = load_checkpoint(run_dir)

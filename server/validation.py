@@ -36,7 +36,7 @@ RejectionReason = Literal[
 # Floating-point dtype names that ``allowed_dtypes`` may list. "bfloat16" is the name of the
 # NumPy dtype that the ml_dtypes package registers. Raw bfloat16 bits stored as uint16 are not
 # accepted: they cannot be distinguished from integer data, and their norm would be meaningless.
-# NOTE: the bfloat16 path has no test, because ml_dtypes is not a dependency of this project.
+# common.adapter.record_to_arrays restores the bfloat16 dtype of arrays received from Flower.
 _FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 # Key names come from the client, so log messages quote at most this many of them, each cut

@@ -10,6 +10,11 @@ the same held-out split and with the same number of training examples seen:
 scores each on the held-out sources (BLEU, ROUGE-L, slot error rate), and measures in the
 same process the DP step time over the non-DP step time and the adapter bytes per client
 per round over the base model's bytes. Results go to ``benchmark.json`` and a Markdown table.
+
+``--only aggregation`` times the server's aggregation against the number of clients
+instead, with the payload ratios of every wire format and the largest client's local round
+(:mod:`simulations.aggregation_cost`). It reads no utility results and trains no adapter to
+completion.
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ from common.config import RunConfig
 from common.inference import evaluate_run
 from common.model import base_model_bytes, build_lora_model, load_tokenizer
 from common.text import encode_records
+from simulations.aggregation_cost import (
+    format_aggregation,
+    payload_ratios,
+    time_aggregation,
+    time_client_round,
+)
 from simulations.dataset import federated_data
 from simulations.run import HELDOUT_FILE, prepare_run, write_heldout
 
@@ -138,7 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("runs/bench"))
     parser.add_argument("--epsilons", default="8,3", help="comma-separated DP targets")
     parser.add_argument(
-        "--only", default="", help="comma-separated subset: central,nodp,dp,cost (default: all)"
+        "--only",
+        default="",
+        help="comma-separated subset: central,nodp,dp,cost,aggregation "
+        "(default: all but aggregation)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="interleaved repetitions of each aggregation timing, reported as the median "
+        "(default: 5; the client round uses at most 3)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -150,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     results_path = args.output / "benchmark.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     args.output.mkdir(parents=True, exist_ok=True)
+
+    if "aggregation" in only:
+        results["aggregation_s"] = time_aggregation(cfg, repeats=args.repeats)
+        results["payload_ratios"] = payload_ratios(cfg)
+        results["client_round"] = time_client_round(cfg, repeats=min(args.repeats, 3))
+        only.discard("aggregation")
+        if not only:
+            results_path.write_text(json.dumps(results, indent=2), encoding="utf-8")
+            print(format_aggregation(results))
+            return 0
 
     seen = examples_seen(cfg)
     results["examples_seen"] = seen
@@ -168,12 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, run_dir in runs.items():
         scores = evaluate_run(run_dir, run_dir / HELDOUT_FILE)
         results.setdefault("utility", {})[name] = scores
-        logger.info("benchmark: %s: BLEU %.2f ROUGE-L %.2f", name, scores["bleu"], scores["rouge_l"])
+        logger.info(
+            "benchmark: %s: BLEU %.2f ROUGE-L %.2f", name, scores["bleu"], scores["rouge_l"]
+        )
     if "cost" in only:
         results["step_time"] = time_steps(cfg)
         results["payload"] = payload_ratio(cfg)
     results_path.write_text(json.dumps(results, indent=2), encoding="utf-8")
     print(format_table(results))
+    if "aggregation_s" in results:
+        print(format_aggregation(results))
     return 0
 
 

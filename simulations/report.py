@@ -1,4 +1,4 @@
-"""Markdown report and plots of a finished simulation run folder."""
+"""Markdown report of a finished simulation run folder (plots: :mod:`simulations.plots`)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-
 from common.config import PRV_MAX_EPSILON
 from server.recorder import not_protected
+from simulations.plots import remove_plots, write_plots
 
 __all__ = ["load_metrics", "write_report"]
 
@@ -116,9 +113,7 @@ def load_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
     """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: pass a run folder written by `fedads simulate`"
-        )
+        raise FileNotFoundError(f"{path} not found: pass a run folder written by `fedads simulate`")
 
     rows: dict[int, dict[str, Any]] = {}
     with path.open(encoding="utf-8") as handle:
@@ -137,7 +132,8 @@ def load_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
             if row["round"] in rows:
                 logger.warning(
                     "load_metrics: round %s appears again at %s, keeping the later line",
-                    row["round"], where,
+                    row["round"],
+                    where,
                 )
             rows[row["round"]] = row
     return [rows[round_number] for round_number in sorted(rows)]
@@ -244,56 +240,6 @@ def _last_value(rows: Sequence[dict[str, Any]], key: str) -> tuple[Any, int | No
 
 
 # ---------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------
-
-
-def _plot_rounds(
-    path: Path,
-    *,
-    title: str,
-    ylabel: str,
-    rows: Sequence[dict[str, Any]],
-    series: Sequence[tuple[str, str]],
-    hline: tuple[str, float] | None = None,
-    y_from_zero: bool = False,
-) -> bool:
-    """Plot ``(label, key)`` series per round into ``path`` and return whether it was written.
-
-    Rounds where a key is null are skipped. When no series has a value, no file is
-    written and a stale one from an earlier report is removed.
-    """
-    points = []
-    for label, key in series:
-        xs = [row["round"] for row in rows if row.get(key) is not None]
-        ys = [row[key] for row in rows if row.get(key) is not None]
-        if xs:
-            points.append((label, xs, ys))
-    if not points:
-        path.unlink(missing_ok=True)
-        return False
-
-    # A bare Figure with the Agg canvas needs no display and leaves pyplot's global state alone.
-    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for label, xs, ys in points:
-        axes.plot(xs, ys, marker="o", label=label)
-    if hline is not None:
-        axes.axhline(hline[1], color="tab:red", linestyle="--", label=hline[0])
-    if y_from_zero:
-        axes.set_ylim(bottom=0.0)
-    axes.set_title(title)
-    axes.set_xlabel("round")
-    axes.set_ylabel(ylabel)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.savefig(path, dpi=100)
-    return True
-
-
-# ---------------------------------------------------------------------------
 # Report sections
 # ---------------------------------------------------------------------------
 
@@ -348,54 +294,30 @@ def _summary_section(
     return lines + [""]
 
 
-def _plots_section(run_dir: Path, rows: Sequence[dict[str, Any]], privacy: dict[str, Any]) -> list[str]:
+def _plots_section(
+    run_dir: Path, rows: Sequence[dict[str, Any]], privacy: dict[str, Any]
+) -> list[str]:
     lines = ["## Training curves", ""]
     if not rows:
-        for name in ("loss.png", "bleu.png", "epsilon.png"):
-            (run_dir / name).unlink(missing_ok=True)
+        remove_plots(run_dir)
         return lines + [
-            (f"{METRICS_FILE} contains no rounds: the run ended before its first round "
-             "finished, so there is nothing to plot."),
+            (
+                f"{METRICS_FILE} contains no rounds: the run ended before its first round "
+                "finished, so there is nothing to plot."
+            ),
             "",
         ]
-
-    if _plot_rounds(
-        run_dir / "loss.png", title="Loss per round", ylabel="loss", rows=rows,
-        series=[("train loss", "train_loss"), ("eval loss", "eval_loss")],
-    ):
-        lines += ["![Train and eval loss per round](loss.png)", ""]
-    else:
-        lines += ["No round reported a train or eval loss.", ""]
-
-    if _plot_rounds(
-        run_dir / "bleu.png", title="BLEU per round (server evaluation)", ylabel="BLEU",
-        rows=rows, series=[("BLEU", "bleu")],
-    ):
-        lines += ["![BLEU per round](bleu.png)", ""]
-    else:
-        lines += ["No round ran a server BLEU evaluation.", ""]
-
     target = privacy.get("target_epsilon")
-    hline = ("target ε", float(target)) if _is_number(target) and privacy["dp_enabled"] else None
     series = [("max ε (record level)", "max_epsilon")] if privacy["dp_enabled"] else []
     if privacy.get("advertiser"):
         series.append(("ε (advertiser level)", "advertiser_epsilon"))
-    if not _any_dp(privacy):
-        (run_dir / "epsilon.png").unlink(missing_ok=True)
-        lines += ["DP was off, so there is no ε to plot.", ""]
-    elif _plot_rounds(
-        run_dir / "epsilon.png",
-        title="ε spent per round",
-        ylabel="ε",
-        rows=rows,
-        series=series,
-        hline=hline,
-        y_from_zero=True,
-    ):
-        lines += ["![ε per round and target ε](epsilon.png)", ""]
-    else:
-        lines += ["No round reported an ε.", ""]
-    return lines
+    record_target = _is_number(target) and privacy["dp_enabled"]
+    return lines + write_plots(
+        run_dir,
+        rows,
+        epsilon_series=series,
+        target_epsilon=float(target) if record_target else None,
+    )
 
 
 def _privacy_settings(privacy: dict[str, Any]) -> list[str]:
@@ -454,8 +376,10 @@ def _privacy_section(privacy: dict[str, Any]) -> list[str]:
 
     if not _any_dp(privacy):
         lines += [
-            ("**Differential privacy was OFF for this run.** No noise was added, so the "
-             "run gives no (ε, δ) guarantee and any ε below is not a privacy guarantee."),
+            (
+                "**Differential privacy was OFF for this run.** No noise was added, so the "
+                "run gives no (ε, δ) guarantee and any ε below is not a privacy guarantee."
+            ),
             "",
         ]
     elif not privacy["dp_enabled"]:
@@ -484,8 +408,10 @@ def _privacy_section(privacy: dict[str, Any]) -> list[str]:
         return lines + ["No per-client privacy accounting was recorded.", ""]
 
     lines += [
-        ("| client | ε | δ | accountant | noise multiplier | sample rate | steps "
-         "| rounds joined | declined rounds |"),
+        (
+            "| client | ε | δ | accountant | noise multiplier | sample rate | steps "
+            "| rounds joined | declined rounds |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     over_prv_range = False
@@ -497,29 +423,42 @@ def _privacy_section(privacy: dict[str, Any]) -> list[str]:
         if _is_number(epsilon) and _is_number(target) and epsilon > target:
             epsilon_text += " (over target)"
         client_accountant = entry.get("accountant") or accountant
-        if (client_accountant == "prv" and _is_number(epsilon) and math.isfinite(epsilon)
-                and epsilon > PRV_MAX_EPSILON):
+        if (
+            client_accountant == "prv"
+            and _is_number(epsilon)
+            and math.isfinite(epsilon)
+            and epsilon > PRV_MAX_EPSILON
+        ):
             over_prv_range = True
         if privacy.get("secure_mode") and entry.get("secure_mode") is False:
             insecure_clients.append(client_id)
         cells = [
-            client_id, epsilon_text, _fmt(entry.get("delta"), ".1e"), _fmt(client_accountant),
-            _fmt(entry.get("noise_multiplier")), _fmt(entry.get("sample_rate")),
-            _fmt(entry.get("steps")), _fmt_rounds(entry.get("rounds_joined")),
+            client_id,
+            epsilon_text,
+            _fmt(entry.get("delta"), ".1e"),
+            _fmt(client_accountant),
+            _fmt(entry.get("noise_multiplier")),
+            _fmt(entry.get("sample_rate")),
+            _fmt(entry.get("steps")),
+            _fmt_rounds(entry.get("rounds_joined")),
             _fmt_rounds(entry.get("declined_rounds")),
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines.append("")
     if over_prv_range:
         lines += [
-            (f"NOTE: the PRV accountant is inaccurate above ε ≈ {PRV_MAX_EPSILON:g}, "
-             "so treat the larger ε values above as estimates."),
+            (
+                f"NOTE: the PRV accountant is inaccurate above ε ≈ {PRV_MAX_EPSILON:g}, "
+                "so treat the larger ε values above as estimates."
+            ),
             "",
         ]
     if insecure_clients:
         lines += [
-            (f"NOTE: clients {', '.join(insecure_clients)} reported training without secure "
-             "mode, although the run asked for it."),
+            (
+                f"NOTE: clients {', '.join(insecure_clients)} reported training without secure "
+                "mode, although the run asked for it."
+            ),
             "",
         ]
     return lines
@@ -651,11 +590,14 @@ def write_report(run_dir: Path) -> Path:
     eval_path = run_dir / EVAL_FILE
     evaluation = _load_json_object(eval_path) if eval_path.is_file() else None
     if not rows:
-        logger.warning("write_report: %s has no rounds, writing a report without curves",
-                       run_dir / METRICS_FILE)
+        logger.warning(
+            "write_report: %s has no rounds, writing a report without curves",
+            run_dir / METRICS_FILE,
+        )
     if not _any_dp(privacy):
-        logger.warning("write_report: DP was off in %s, the report marks the run unprotected",
-                       run_dir)
+        logger.warning(
+            "write_report: DP was off in %s, the report marks the run unprotected", run_dir
+        )
 
     lines = [f"# Run report: {run_dir.name}", ""]
     lines += _summary_section(rows, privacy, evaluation)

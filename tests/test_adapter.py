@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -9,12 +10,16 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 
 from common.adapter import (
+    BFLOAT16,
     arrays_to_record,
+    from_wire,
     get_adapter_arrays,
     payload_bytes,
     record_to_arrays,
     save_adapter,
     set_adapter_arrays,
+    to_wire,
+    wire_numpy_dtype,
 )
 from common.config import ModelConfig
 from common.model import base_model_bytes, build_lora_model, is_lora_key, load_base_model
@@ -54,6 +59,50 @@ def test_array_record_round_trip_keeps_names_and_values(lora_model):
     assert back.keys() == arrays.keys()
     for name in arrays:
         np.testing.assert_array_equal(back[name], arrays[name])
+
+
+@pytest.mark.parametrize(("dtype", "unit_roundoff"), [("float16", 2.0**-11), ("bfloat16", 2.0**-8)])
+def test_wire_round_trip_within_rounding_bound(lora_model, dtype, unit_roundoff):
+    arrays = _perturbed(get_adapter_arrays(lora_model))
+    wire = to_wire(arrays, dtype)
+    back = record_to_arrays(arrays_to_record(wire))
+
+    assert back.keys() == arrays.keys()
+    assert {value.dtype.name for value in back.values()} == {dtype}
+    assert payload_bytes(back) * 2 == payload_bytes(arrays)
+    info = ml_dtypes.finfo(wire_numpy_dtype(dtype))
+    for name, value in from_wire(back).items():
+        assert value.dtype == np.float32, name
+        original = arrays[name].astype(np.float64)
+        error = np.abs(value.astype(np.float64) - original)
+        # Rounding to nearest errs by at most half a unit in the last place, which is
+        # relative to the value in the normal range and half the subnormal spacing below it.
+        normal = np.abs(original) >= float(info.smallest_normal)
+        assert np.all(error[normal] <= unit_roundoff * np.abs(original[normal])), name
+        assert np.all(error[~normal] <= float(info.smallest_subnormal) / 2), name
+
+
+def test_bfloat16_record_restores_dtype_and_bits():
+    values = np.array([[1.0, -2.5, 3.0e38], [1.0e-30, 0.0, 0.1]], np.float32)
+    wire = values.astype(BFLOAT16)
+    record = arrays_to_record({"t": wire})
+    assert record["t"].dtype == "bfloat16"
+
+    back = record_to_arrays(record)["t"]
+    assert back.dtype == BFLOAT16
+    assert back.shape == (2, 3)
+    np.testing.assert_array_equal(back.view(np.uint16), wire.view(np.uint16))
+
+
+def test_declared_bfloat16_with_float32_data_keeps_float32():
+    # A sender that labels float32 data as bfloat16 must not have it reinterpreted.
+    from flwr.app import Array, ArrayRecord
+
+    honest = arrays_to_record({"t": np.ones((2, 2), np.float32)})["t"]
+    mislabelled = Array(dtype="bfloat16", shape=honest.shape, stype=honest.stype, data=honest.data)
+    back = record_to_arrays(ArrayRecord({"t": mislabelled}))["t"]
+    assert back.dtype == np.float32
+    assert back.shape == (2, 2)
 
 
 def test_saved_adapter_round_trips_through_peft(lora_model, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.adapter import payload_bytes
+from common.adapter import BFLOAT16, payload_bytes
 from common.config import RunConfig
 from server.aggregation import ClientUpdate, GlobalAdapter, MixedRankAdapter, build_global_adapter
 
@@ -141,6 +141,32 @@ def test_median_neutralizes_boosted_update():
         assert np.all(strategy.state[key] <= stacked.max(axis=0) + 1e-6)
 
 
+@pytest.mark.parametrize(("count", "trim_fraction"), [(3, 0.34), (4, 0.25)])
+def test_trimmed_mean_few_clients_is_median(count, trim_fraction):
+    # Trimming one from each end of 3 or 4 values leaves the median's middle value(s).
+    initial = adapter(2, seed=0)
+    trimmed = GlobalAdapter(
+        initial, run_config(robust="trimmed-mean", **{"trim-fraction": trim_fraction})
+    )
+    median = GlobalAdapter(initial, run_config(robust="median"))
+    updates = honest_updates(initial, count=count)
+    assert trimmed.aggregate(updates, min_updates=count).applied
+    assert median.aggregate(updates, min_updates=count).applied
+    for key in initial:
+        np.testing.assert_allclose(trimmed.state[key], median.state[key], rtol=0, atol=1e-6)
+
+
+def test_median_even_count_averages_middle_pair():
+    initial = adapter(2, seed=0)
+    strategy = GlobalAdapter(initial, run_config(robust="median"))
+    updates = honest_updates(initial, count=4)
+    assert strategy.aggregate(updates, min_updates=4).applied
+    for key in initial:
+        ordered = np.sort(np.stack([update.arrays[key] for update in updates]), axis=0)
+        expected = (ordered[1].astype(np.float64) + ordered[2]) / 2
+        np.testing.assert_allclose(strategy.state[key], expected, rtol=0, atol=1e-6)
+
+
 def test_norm_bound_limits_boosted_update():
     initial = adapter(2, seed=0)
     boosted = hostile_updates(initial)[-1]
@@ -184,6 +210,40 @@ def test_float16_wire_keeps_float32_state():
 def test_float32_reply_rejected_on_float16_wire():
     initial = adapter(2, seed=0)
     strategy = GlobalAdapter(initial, run_config(**{"wire-dtype": "float16"}))
+    outcome = strategy.aggregate(honest_updates(initial, count=1), min_updates=1)
+    assert [error.reason for error in outcome.rejected] == ["dtype"]
+
+
+def test_bfloat16_wire_keeps_float32_state():
+    initial = adapter(2, seed=0)
+    strategy = GlobalAdapter(initial, run_config(**{"wire-dtype": "bfloat16"}))
+    sent = strategy.sent_adapter(2)
+    first = min(initial)
+    assert sent[first].dtype == np.float32
+    assert not np.array_equal(sent[first], initial[first])  # rounded on the wire
+    np.testing.assert_allclose(sent[first], initial[first], rtol=2.0**-8)
+
+    # Every client moved each tensor by +0.01 from what it received and sent it in bfloat16.
+    # The state moves by the mean of the decoded steps, so wire rounding changes the steps
+    # but not the float32 global adapter they are added to.
+    updates = [
+        ClientUpdate(
+            f"client-{i}", {k: (v + 0.01).astype(BFLOAT16) for k, v in sent.items()}, 5.0, 2
+        )
+        for i in range(2)
+    ]
+    outcome = strategy.aggregate(updates, min_updates=2)
+    assert outcome.applied
+    assert outcome.accepted == ("client-0", "client-1")
+    for key in initial:
+        assert strategy.state[key].dtype == np.float32
+        step = (sent[key] + 0.01).astype(BFLOAT16).astype(np.float64) - sent[key]
+        np.testing.assert_allclose(strategy.state[key], initial[key] + step, rtol=0, atol=1e-6)
+
+
+def test_float32_reply_rejected_on_bfloat16_wire():
+    initial = adapter(2, seed=0)
+    strategy = GlobalAdapter(initial, run_config(**{"wire-dtype": "bfloat16"}))
     outcome = strategy.aggregate(honest_updates(initial, count=1), min_updates=1)
     assert [error.reason for error in outcome.rejected] == ["dtype"]
 
@@ -294,3 +354,34 @@ def test_mixed_ranks_with_fedadam_steps_in_product_space():
         np.testing.assert_allclose(
             strategy.state[prefix(layer, module)], expected, rtol=1e-4, atol=1e-6
         )
+
+
+def test_mixed_ranks_median_is_taken_in_product_space():
+    strategy = MixedRankAdapter(adapter(16, seed=0), mixed_config(robust="median"))
+    ranks = [4, 8, 16]
+    clients = [adapter(rank, seed=20 + rank) for rank in ranks]
+    updates = [
+        ClientUpdate(f"client-{i}", tensors, 10.0, rank=ranks[i])
+        for i, tensors in enumerate(clients)
+    ]
+    outcome = strategy.aggregate(updates, min_updates=3)
+    assert outcome.applied
+    assert not outcome.rejected
+
+    # The median is taken over the clients' ΔW_i, entry by entry. A rule on lora_A and
+    # lora_B could not be applied, because their shapes differ between ranks.
+    for layer, module, _, _ in MODULES:
+        stacked = np.stack(
+            [
+                delta_w(tensors, layer, module, LORA_ALPHA / rank)
+                for tensors, rank in zip(clients, ranks)
+            ]
+        )
+        np.testing.assert_allclose(
+            strategy.state[prefix(layer, module)], np.median(stacked, axis=0), rtol=1e-5, atol=1e-5
+        )
+    adapters = strategy.client_adapters(ranks)
+    for rank in ranks:
+        layer, module, in_features, _ = MODULES[0]
+        lora_a = adapters[rank][KEY.format(layer=layer, module=module, matrix="A")]
+        assert lora_a.shape == (rank, in_features)

@@ -136,9 +136,9 @@ def test_every_strategy_runs_and_moves_adapter(tmp_path, strategy):
     assert any(np.any(value) for name, value in final.items() if ".lora_B." in name)
 
 
-def test_float16_wire_halves_bytes(tmp_path):
+def test_half_precision_wires_halve_bytes(tmp_path):
     rows = {}
-    for dtype in ("float32", "float16"):
+    for dtype in ("float32", "float16", "bfloat16"):
         run_dir = tmp_path / dtype
         cfg = loop_config(run_dir, **{"num-rounds": 1, "wire-dtype": dtype})
         grid = LocalGrid(synthetic_client_app(cfg), 2)
@@ -147,8 +147,9 @@ def test_float16_wire_halves_bytes(tmp_path):
         assert {array.dtype for array in sent.content["arrays"].values()} == {dtype}
         (rows[dtype],) = metrics(run_dir)
         assert rows[dtype]["num_accepted"] == 2
-    assert rows["float16"]["bytes_down"] * 2 == rows["float32"]["bytes_down"]
-    assert rows["float16"]["bytes_up"] * 2 == rows["float32"]["bytes_up"]
+    for dtype in ("float16", "bfloat16"):
+        assert rows[dtype]["bytes_down"] * 2 == rows["float32"]["bytes_down"], dtype
+        assert rows[dtype]["bytes_up"] * 2 == rows["float32"]["bytes_up"], dtype
 
 
 def test_duplicate_client_id_is_not_sampled(tmp_path, caplog):

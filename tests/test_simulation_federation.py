@@ -1,4 +1,4 @@
-"""Real Flower simulation: heterogeneous ranks, float16 wire, a hostile and a failing client."""
+"""Real Flower simulations: mixed ranks with hostile and failing clients, bfloat16 wire."""
 
 from __future__ import annotations
 
@@ -62,3 +62,35 @@ def test_mixed_ranks_with_hostile_and_failing_clients(tmp_path, data_dir, monkey
     assert adapter_config["r"] == 16
     privacy = json.loads((run_dir / "privacy.json").read_text())
     assert sorted(privacy["clients"]) == ["client-000", "client-001", "client-002"]
+
+
+def test_bfloat16_wire_simulation_halves_bytes(tmp_path, data_dir):
+    cfg = prepare_run(
+        RunConfig.from_dict(
+            {
+                "seed": 0,
+                "output": str(tmp_path / "run"),
+                "data": {
+                    "data-dir": str(data_dir),
+                    "num-clients": 2,
+                    "max-examples-per-client": 16,
+                },
+                "train": {"batch-size": 8, "local-epochs": 0.5},
+                "privacy": {"accountant": "rdp"},
+                "server": {"num-rounds": 2, "eval-every": 0, "wire-dtype": "bfloat16"},
+            }
+        )
+    )
+    run_dir = simulate(cfg)
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2]
+    float32_bytes = payload_bytes(get_adapter_arrays(build_lora_model(ModelConfig(lora_r=4))))
+    for row in rows:
+        assert row["num_accepted"] == 2
+        assert row["aggregated"] is True
+        # Each of the two clients received and sent 2 bytes per adapter value instead of 4.
+        assert row["bytes_down"] * 2 == 2 * float32_bytes
+        assert row["bytes_up"] * 2 == 2 * float32_bytes
+    assert rows[1]["train_loss"] is not None
+    assert (run_dir / "global_adapter" / "adapter_model.safetensors").is_file()
