@@ -101,7 +101,7 @@ def noised_vector(
 ) -> tuple[dict[str, np.ndarray], float]:
     """Return the vector this client masks and the L2 norm of ``delta`` before clipping.
 
-    The vector holds the clipped delta plus its noise share, the weight 1 (not noised: the
+    The vector contains the clipped delta plus its noise share, the weight 1 (not noised: the
     set of contributors is public) and, with ``adaptive_clipping``, the noised centred bit.
     Raises ValueError if ``delta`` is not finite (:func:`common.secagg.update.clip_delta`).
     """

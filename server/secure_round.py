@@ -177,9 +177,9 @@ def run_secure_round(
     """Train ``sampled`` clients and aggregate their updates under SecAgg+.
 
     The global adapter changes only when the whole protocol succeeds with at least
-    ``server.min-train-nodes`` contributors (under advertiser-level DP, at least the
-    survivors the noise shares are calibrated for); otherwise the round fails as described
-    in the module docstring, and ``extra["secagg_failed_stage"]`` names the stage.
+    ``server.min-train-nodes`` contributors. Under advertiser-level DP the minimum is the
+    number of survivors the noise shares are calibrated for. Otherwise the round fails as
+    described in the module docstring, and ``extra["secagg_failed_stage"]`` names the stage.
     ``num_available`` sets the advertiser-DP sample rate (None: the sampled clients, which
     overstates the rate and so ε).
     """
