@@ -67,8 +67,9 @@ def register_secagg_handlers(
 ) -> None:
     """Add the four secure aggregation stages (``train.secagg_*``) to ``app``.
 
-    ``train`` produces the round's update in the masked-input stage. ``noise_share`` is
-    the hook for a client's share of distributed DP noise (None: no noise is added there).
+    ``train`` produces the round's update in the masked-input stage. ``noise_share``
+    transforms the clipped, weighted vector before masking (None: no transform). It is
+    rejected with ``advertiser-dp.enabled``, whose noise share the handler adds itself.
     """
 
     def run_config(context: Context) -> RunConfig:

@@ -14,6 +14,10 @@ Between stages the session state, private keys included, lives in the node's
 cannot validate one update, so this side does what it can: it rejects a non-finite
 update and scales its delta down to ``server.client_clip_norm``
 (:func:`common.secagg.update.weighted_vector`) before encoding.
+
+With advertiser-level DP on as well, the client instead clips to the round's
+advertiser-DP clipping norm, uses weight 1 and adds its share of the DP noise (and, with
+adaptive clipping, its noised bit) before encoding (:mod:`client.distributed_dp`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from client.distributed_dp import distributed_vector, round_noise_shares
 from client.outcome import TrainOutcome, decline_content, train_metrics
 from common.adapter import from_wire, record_to_arrays
 from common.config import RunConfig
@@ -72,7 +77,9 @@ def handle_setup(msg: Message, context: Context, cfg: RunConfig) -> Message:
     client_id, setup = records.read_setup(msg.content)
     max_weight = 1.0 if cfg.server.weighting == "uniform" else cfg.server.secagg_max_weight
     needed = clipping_range(clip_norm=cfg.server.client_clip_norm, max_weight=max_weight)
-    if setup.clipping_range < needed:
+    # Under advertiser-level DP the range depends on the round's clipping norm, which
+    # arrives with the train message, so the masked-input stage checks it.
+    if not cfg.advertiser_dp.enabled and setup.clipping_range < needed:
         raise ValueError(
             f"the server's fixed-point range {setup.clipping_range:g} is below {needed:g}, "
             "the largest value this client may send: client and server must run the same "
@@ -105,11 +112,23 @@ def handle_masked_input(
     A client that declines (privacy budget) replies without a masked input, and the
     server treats it like a client that dropped after sharing its keys.
 
-    ``noise_share`` is where a client would add its share of distributed DP noise: it is
-    applied to the clipped, weighted vector right before the fixed-point encoding.
+    With ``advertiser-dp.enabled``, the update is clipped to the round's clipping norm
+    from the train config, weighted 1 and noised (:mod:`client.distributed_dp`). Otherwise
+    ``noise_share``, when given, is applied to the clipped, weighted vector right before
+    the fixed-point encoding.
     """
     client = _load(context)
     forwarded = records.read_forwarded_shares(msg.content)
+    config = msg.content.config_records["config"]
+    shares = None
+    if cfg.advertiser_dp.enabled:
+        if noise_share is not None:
+            raise ValueError(
+                "noise_share cannot be combined with advertiser-dp.enabled = true, which adds "
+                "the advertiser-level noise share already"
+            )
+        # Checked before training, so a mismatched session costs no privacy budget.
+        shares = round_noise_shares(cfg, config, client.session)
     outcome = train(msg, context, cfg)
     if outcome.release is None:
         _clear(context)
@@ -123,11 +142,21 @@ def handle_masked_input(
         for name, value in outcome.release.arrays.items()
     }
     metrics = train_metrics(outcome)
-    weight = aggregation_weight(cfg, float(outcome.release.metrics["num-examples"]))
-    clip_norm = cfg.server.client_clip_norm
-    vector, norm = weighted_vector(
-        delta, weight=weight, clip_norm=clip_norm, noise_share=noise_share
-    )
+    if shares is not None:
+        vector, norm = distributed_vector(
+            delta,
+            cfg,
+            shares,
+            client_id=outcome.client_id,
+            server_round=int(config["server-round"]),
+        )
+        clip_norm = shares.clipping_norm
+    else:
+        weight = aggregation_weight(cfg, float(outcome.release.metrics["num-examples"]))
+        clip_norm = cfg.server.client_clip_norm
+        vector, norm = weighted_vector(
+            delta, weight=weight, clip_norm=clip_norm, noise_share=noise_share
+        )
     if norm > clip_norm:
         # Logged here only: whether an update was clipped is a fact about the private data.
         logger.info(

@@ -316,6 +316,12 @@ class AdvertiserDPConfig:
     reason ``server.robust`` must be ``none`` (the median and trimmed mean have no
     sensitivity of ``C / m``) and ``server.norm-bound`` must be 0 (the clipping replaces
     it). :class:`RunConfig` raises :class:`ConfigError` for each of these.
+
+    With ``server.secure-aggregation`` on as well, the noise is distributed
+    (:mod:`server.central_dp`, "Distributed mode"): each client clips its update to the
+    round's ``C``, sends it with weight 1 and adds its own share of the noise before
+    masking, and the server adds none. ``server.max-update-norm`` must then be 0, because
+    the server cannot reject an update it never sees.
     """
 
     enabled: bool = False
@@ -423,8 +429,9 @@ class ServerConfig:
     ``secure_aggregation`` runs each training round as a SecAgg+ session
     (:mod:`server.secure_round`), so the server receives only masked updates and their
     sum. Each client clips its own update to :attr:`client_clip_norm` (the smaller of
-    the positive ``norm_bound`` and ``max_update_norm``, one of which must be set),
-    because the server cannot check one update, and ``robust`` must be ``none``.
+    the positive ``norm_bound`` and ``max_update_norm``, one of which must be set unless
+    advertiser-level DP sets the norm), because the server cannot check one update, and
+    ``robust`` must be ``none``.
     Unmasking needs ``ceil(secagg_threshold_fraction * h)`` (at least 2) of each
     client's ``h`` share holders: its ``secagg_num_neighbours`` neighbours (0: every
     other sampled client) and itself. Sums are taken mod ``2**secagg_modulus_bits``.
@@ -567,14 +574,6 @@ class ServerConfig:
             "update in the clear, and secure aggregation reveals only their sum",
         )
         _require(
-            self.client_clip_norm > 0,
-            "server.secure-aggregation",
-            self.secure_aggregation,
-            "server.norm-bound > 0 or server.max-update-norm > 0 with it, because each "
-            "client clips its own update to that L2 norm (the server cannot check one "
-            "update under secure aggregation)",
-        )
-        _require(
             self.min_train_nodes >= 2,
             "server.min-train-nodes",
             self.min_train_nodes,
@@ -613,6 +612,15 @@ class RunConfig:
             "false when model.client-ranks is set: clients of different ranks send tensors "
             "of different shapes, which cannot be summed under one mask; use one model.lora-r",
         )
+        if self.server.secure_aggregation and not self.advertiser_dp.enabled:
+            _require(
+                self.server.client_clip_norm > 0,
+                "server.secure-aggregation",
+                self.server.secure_aggregation,
+                "server.norm-bound > 0 or server.max-update-norm > 0 with it (or "
+                "advertiser-dp.enabled = true), because each client clips its own update to "
+                "that L2 norm (the server cannot check one update under secure aggregation)",
+            )
         if not self.advertiser_dp.enabled:
             return
         reason = "when advertiser-dp.enabled = true"
@@ -636,13 +644,15 @@ class RunConfig:
             self.server.norm_bound,
             f"0 {reason}: advertiser-dp.clipping-norm bounds every update already",
         )
-        # TODO: run advertiser-level DP under secure aggregation, with each client clipping
-        # its update and adding its noise share (server.central_dp.add_noise_share).
+        if not self.server.secure_aggregation:
+            return
         _require(
-            not self.server.secure_aggregation,
-            "server.secure-aggregation",
-            self.server.secure_aggregation,
-            f"false {reason}: the server clips each update, which secure aggregation hides",
+            self.server.max_update_norm == 0,
+            "server.max-update-norm",
+            self.server.max_update_norm,
+            f"0 {reason} and server.secure-aggregation = true: each client clips its update "
+            "to the round's advertiser-dp clipping norm, and the server cannot reject one "
+            "update it never sees",
         )
 
     @classmethod

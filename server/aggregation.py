@@ -29,7 +29,7 @@ import numpy as np
 
 from common.adapter import Arrays, from_wire, to_wire
 from common.config import RunConfig
-from server.central_dp import AdvertiserDP, RoundSampling
+from server.central_dp import AdvertiserDP, NoiseShares, RoundSampling
 from server.mixed_rank import delta_weights, lora_pairs, project_to_client_ranks
 from server.robust import AggregationMethod, aggregate
 from server.strategies import FedAvg, build_optimizer
@@ -242,28 +242,67 @@ class GlobalAdapter:
         and finiteness. A failed check is logged as an ERROR, and the global adapter is kept.
         """
         accepted = tuple(sorted(contributors))
+        if not self._check_unmasked(delta, "mean", len(accepted)):
+            return AggregationOutcome(accepted, (), applied=False)
+        as_float64 = {key: np.asarray(value, np.float64) for key, value in delta.items()}
+        self.state = self.optimizer.step(self.state, as_float64)
+        self._sent.clear()
+        return AggregationOutcome(accepted, (), applied=True)
+
+    def apply_distributed_sum(
+        self,
+        update_sum: Mapping[str, np.ndarray],
+        contributors: Sequence[str],
+        *,
+        centred_count: float | None,
+        sampling: RoundSampling,
+        shares: NoiseShares,
+    ) -> AggregationOutcome:
+        """Step the server optimizer with an unmasked sum that clients clipped and noised.
+
+        Distributed advertiser-level DP (:meth:`AdvertiserDP.release_distributed`): the sum
+        is divided by the number sampled and no noise is added here. The sum is checked
+        like :meth:`apply_secure_mean` checks a mean, before the round is accounted.
+        """
+        if self.advertiser_dp is None:
+            raise RuntimeError("apply_distributed_sum() needs advertiser-dp.enabled = true")
+        accepted = tuple(sorted(contributors))
+        if not self._check_unmasked(update_sum, "sum", len(accepted)):
+            return AggregationOutcome(accepted, (), applied=False)
+        delta = self.advertiser_dp.release_distributed(
+            update_sum,
+            centred_count=centred_count,
+            num_contributors=len(accepted),
+            sampling=sampling,
+            shares=shares,
+        )
+        self.state = self.optimizer.step(self.state, delta)
+        self._sent.clear()
+        return AggregationOutcome(accepted, (), applied=True)
+
+    def _check_unmasked(
+        self, arrays: Mapping[str, np.ndarray], what: str, num_contributors: int
+    ) -> bool:
+        """Return whether an unmasked aggregate fits the state; log an ERROR when not."""
         expected = {key: np.shape(value) for key, value in self.state.items()}
-        found = {key: np.shape(value) for key, value in delta.items()}
+        found = {key: np.shape(value) for key, value in arrays.items()}
         problem = ""
         if expected != found:
             differing = sorted(set(expected) ^ set(found)) or sorted(
                 key for key in expected if expected[key] != found[key]
             )
             problem = f"its tensors differ from the global adapter's (e.g. {differing[:2]})"
-        elif not all(np.all(np.isfinite(value)) for value in delta.values()):
+        elif not all(np.all(np.isfinite(value)) for value in arrays.values()):
             problem = "it contains NaN or infinite values"
         if problem:
             logger.error(
-                "aggregate_train: the unmasked mean of %s clients is invalid: %s; keeping "
+                "aggregate_train: the unmasked %s of %s clients is invalid: %s; keeping "
                 "the global adapter",
-                len(accepted),
+                what,
+                num_contributors,
                 problem,
             )
-            return AggregationOutcome(accepted, (), applied=False)
-        as_float64 = {key: np.asarray(value, np.float64) for key, value in delta.items()}
-        self.state = self.optimizer.step(self.state, as_float64)
-        self._sent.clear()
-        return AggregationOutcome(accepted, (), applied=True)
+        return not problem
 
     # -- checkpoint -------------------------------------------------------------------
 

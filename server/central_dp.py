@@ -39,13 +39,41 @@ the wrappers are not used, but these helpers of ``flwr.supercore.differential_pr
 are: ``get_norm`` (L2 norm over all tensors), ``compute_stdv`` (``z * C / m``) and
 ``compute_adaptive_noise_params`` (``z_Δ`` above).
 
-The server adds the noise to the mean update here. :func:`noise_share_stddev` and
-:func:`add_noise_share` give the per-client share (``z * C / sqrt(m)`` on each clipped
-update) for a mode in which clients add the noise before secure aggregation masks it.
+Distributed mode (``server.secure-aggregation`` on as well): the server never sees one
+update, so the clients clip and noise. The server sends the round's ``C`` in the train
+config (adaptive clipping changes it every round). Each client clips its whole update to
+``C``, sends it with weight 1 and adds its noise share ``N(0, σ_s²)`` to every coordinate
+before masking (:mod:`client.distributed_dp`). The noise comes from the operating system's
+CSPRNG when ``privacy.secure-mode`` is on, else from a generator seeded with the run seed,
+round and client id. The server unmasks the sum, divides it by the number ``m`` of sampled
+clients (dropouts count as zero updates, as in the central mode) and adds no noise.
+
+Dropouts: ``s`` surviving clients contribute ``s`` shares, so the sum carries noise of
+standard deviation ``sqrt(s) σ_s``. Shares are therefore calibrated for the fewest
+survivors with which a round can aggregate, ``m_min = max(server.min-train-nodes,
+secure aggregation threshold)``: ``σ_s = z_Δ C / sqrt(m_min)``. A round with fewer
+survivors fails before unmasking (:mod:`server.secure_round`), and one with ``s >= m_min``
+carries ``sqrt(s / m_min)`` times the planned noise ``z_Δ C`` on the sum, i.e. noise
+multiplier ``z sqrt(s / m_min) >= z``. The accountant composes ``z`` for every round, an
+upper bound on ε. The price is extra noise when more than ``m_min`` clients survive.
+
+Adaptive clipping in distributed mode: each client appends its centred bit
+``b_i - 1/2`` as one more masked coordinate (:data:`common.secagg.update.COUNT_KEY`),
+with its own noise share ``σ_b / sqrt(m_min)``. The server learns only the noised sum and
+adds back ``s / 2`` (the number of contributors is public), so ``C`` moves exactly as in
+the central mode.
+
+Trust: the guarantee against an honest-but-curious server holds because it sees only
+the sum, which contains every survivor's share. A client sees the global adapter, which
+carries the same noise. Clients that collude with the server, or with each other, can
+subtract their own shares, so ``k`` colluders leave noise of ``sqrt((s - k) / m_min)``
+times the plan: the standard caveat of distributed DP. A server that sends a larger ``C``
+raises each share in proportion, so it cannot lower the noise-to-sensitivity ratio.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -75,14 +103,19 @@ except ImportError:  # pragma: no cover
     )
 
 __all__ = [
+    "CLIPPING_NORM_CONFIG_KEY",
     "AdvertiserDP",
+    "NoiseParameters",
+    "NoiseShares",
     "RoundSampling",
     "adapt_clipping_norm",
     "add_noise_share",
     "calibrate_noise_multiplier",
     "clip_update",
     "gaussian_noise",
+    "noise_parameters",
     "noise_share_stddev",
+    "run_noise_parameters",
     "update_noise_multiplier",
 ]
 
@@ -91,6 +124,14 @@ logger = logging.getLogger(__name__)
 # Streams of the seeded noise generator, so update noise and count noise never share draws.
 _UPDATE_NOISE_STREAM = 1
 _COUNT_NOISE_STREAM = 2
+
+# Train config key with the round's clipping norm, which clients clip to in distributed mode.
+CLIPPING_NORM_CONFIG_KEY = "advertiser-dp-clipping-norm"
+
+# The fixed-point range covers a clipped value plus this many share standard deviations.
+# A Gaussian share passes that with probability about 1.5e-23 per coordinate, and only
+# then is it clamped, which changes the mechanism.
+RANGE_STDDEVS = 10.0
 
 
 # ---------------------------------------------------------------------------
@@ -194,7 +235,8 @@ def noise_share_stddev(*, noise_multiplier: float, clipping_norm: float, num_sam
     """Standard deviation of one client's share of the noise: ``z * C / sqrt(m)``.
 
     The sum of ``m`` independent shares has standard deviation ``z * C``, so the mean of
-    the ``m`` noised updates carries the ``z * C / m`` of the central mechanism.
+    the ``m`` noised updates carries the ``z * C / m`` of the central mechanism. The
+    distributed mode passes the minimum number of survivors as ``num_sampled``.
     """
     return noise_multiplier * clipping_norm / math.sqrt(num_sampled)
 
@@ -210,8 +252,8 @@ def add_noise_share(
     """Add one client's noise share to its clipped update (float64), for distributed DP.
 
     The update must already be clipped to ``clipping_norm``. ``rng=None`` draws from the
-    operating system's CSPRNG (:func:`gaussian_noise`). NOTE: the round loop does not call
-    this yet, because it needs secure aggregation to hide each noised update.
+    operating system's CSPRNG (:func:`gaussian_noise`). Only secure aggregation may see the
+    result, because one share is far too little noise for one update.
     """
     stddev = noise_share_stddev(
         noise_multiplier=noise_multiplier, clipping_norm=clipping_norm, num_sampled=num_sampled
@@ -220,6 +262,110 @@ def add_noise_share(
         name: np.asarray(value, np.float64) + gaussian_noise(np.shape(value), stddev, rng=rng)
         for name, value in clipped.items()
     }
+
+
+# ---------------------------------------------------------------------------
+# Noise parameters, shared by the server and the clients of the distributed mode
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoiseParameters:
+    """Noise multipliers of the mechanism, fixed for the whole run."""
+
+    noise_multiplier: float  # z, which the accountant composes
+    update_noise_multiplier: float  # z_Δ, on the update (z when clipping is fixed)
+    clipped_count_stddev: float  # σ_b on the bit count; 0 when clipping is fixed
+
+
+def noise_parameters(
+    cfg: AdvertiserDPConfig,
+    *,
+    num_rounds: int,
+    planned_num_sampled: int,
+    planned_sample_rate: float,
+) -> NoiseParameters:
+    """Return ``z`` (given or calibrated), ``z_Δ`` and ``σ_b`` for the ``[advertiser-dp]`` table.
+
+    Raises :class:`ConfigError` when adaptive clipping's ``σ_b`` is too small for ``z``.
+    """
+    if cfg.noise_multiplier > 0:
+        noise_multiplier = cfg.noise_multiplier
+    else:
+        noise_multiplier = calibrate_noise_multiplier(
+            target_epsilon=cfg.target_epsilon,
+            target_delta=cfg.target_delta,
+            sample_rate=planned_sample_rate,
+            num_rounds=num_rounds,
+            accountant=cfg.accountant_in_use,
+        )
+    if not cfg.adaptive_clipping:
+        return NoiseParameters(noise_multiplier, noise_multiplier, 0.0)
+
+    # Adaptive clipping spends part of the budget on the bit count.
+    clipped_count_stddev = cfg.clipped_count_stddev or planned_num_sampled / 20
+    try:
+        update_multiplier = update_noise_multiplier(
+            noise_multiplier, clipped_count_stddev=clipped_count_stddev
+        )
+    except ValueError as err:
+        raise ConfigError(
+            f"invalid advertiser-dp.clipped-count-stddev = {cfg.clipped_count_stddev!r} "
+            f"(0 means {planned_num_sampled} expected clients / 20): {err}; raise it, "
+            "lower the noise multiplier or turn adaptive-clipping off"
+        ) from None
+    return NoiseParameters(noise_multiplier, update_multiplier, clipped_count_stddev)
+
+
+@functools.lru_cache(maxsize=8)
+def run_noise_parameters(cfg: RunConfig) -> NoiseParameters:
+    """Return :func:`noise_parameters` for a run, cached because calibration takes a while."""
+    planned_num_sampled, planned_sample_rate = planned_sampling(cfg)
+    return noise_parameters(
+        cfg.advertiser_dp,
+        num_rounds=cfg.server.num_rounds,
+        planned_num_sampled=planned_num_sampled,
+        planned_sample_rate=planned_sample_rate,
+    )
+
+
+@dataclass(frozen=True)
+class NoiseShares:
+    """One client's share of a distributed round's noise, calibrated for ``min_survivors``."""
+
+    clipping_norm: float
+    min_survivors: int
+    update_stddev: float  # z_Δ C / sqrt(m_min), on every update coordinate
+    count_stddev: float  # σ_b / sqrt(m_min), on the centred bit; 0 when clipping is fixed
+
+    @classmethod
+    def for_round(
+        cls, parameters: NoiseParameters, *, clipping_norm: float, min_survivors: int
+    ) -> NoiseShares:
+        """Return the shares of a round with clipping norm ``C`` and ``m_min`` survivors."""
+        if min_survivors < 1:
+            raise ValueError(f"min_survivors={min_survivors!r} is invalid: expected >= 1")
+        update = noise_share_stddev(
+            noise_multiplier=parameters.update_noise_multiplier,
+            clipping_norm=clipping_norm,
+            num_sampled=min_survivors,
+        )
+        count = parameters.clipped_count_stddev / math.sqrt(min_survivors)
+        return cls(clipping_norm, min_survivors, update, count)
+
+    @property
+    def fixed_point_range(self) -> float:
+        """Secure aggregation range for one client's noised vector.
+
+        It covers a clipped coordinate (at most ``C``) plus ``RANGE_STDDEVS`` share standard
+        deviations, the centred bit (at most 1/2) plus as many count-share deviations, and
+        the weight 1.
+        """
+        return max(
+            self.clipping_norm + RANGE_STDDEVS * self.update_stddev,
+            0.5 + RANGE_STDDEVS * self.count_stddev,
+            1.0,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -242,7 +388,12 @@ class RoundSampling:
 
 @dataclass(frozen=True)
 class RoundRelease:
-    """Public record of one round: its clipping norm, noise and noised unclipped fraction."""
+    """Public record of one round: its clipping norm, noise and noised unclipped fraction.
+
+    ``noise_stddev`` is the standard deviation of the noise on the mean as realised. In the
+    distributed mode that is ``sqrt(num_contributors) * noise_share_stddev / num_sampled``,
+    and ``min_survivors`` is the number of survivors the shares were calibrated for.
+    """
 
     server_round: int
     clipping_norm: float
@@ -250,6 +401,10 @@ class RoundRelease:
     num_sampled: int
     sample_rate: float
     unclipped_fraction: float | None
+    noise_added_by: str = "server"
+    num_contributors: int | None = None
+    min_survivors: int | None = None
+    noise_share_stddev: float | None = None
 
 
 def planned_sampling(cfg: RunConfig) -> tuple[int, float]:
@@ -281,6 +436,9 @@ class AdvertiserDP:
         Seed of the noise generator; ignored when ``secure_mode`` is true.
     secure_mode : bool
         Draw noise from the operating system's CSPRNG instead of a seeded generator.
+    distributed : bool
+        Clients add the noise under secure aggregation (the module's "Distributed mode"):
+        :meth:`release_distributed` replaces :meth:`privatize`, which then raises.
     """
 
     def __init__(
@@ -292,6 +450,7 @@ class AdvertiserDP:
         planned_sample_rate: float,
         seed: int,
         secure_mode: bool,
+        distributed: bool = False,
     ) -> None:
         if not cfg.enabled:
             raise ValueError("AdvertiserDP needs advertiser-dp.enabled = true")
@@ -300,35 +459,19 @@ class AdvertiserDP:
         self.planned_sample_rate = planned_sample_rate
         self.seed = seed
         self.secure_mode = secure_mode
+        self.distributed = distributed
         self.accountant = cfg.accountant_in_use
 
-        # Noise multiplier: given, or calibrated for the planned rounds and sample rate.
-        if cfg.noise_multiplier > 0:
-            self.noise_multiplier = cfg.noise_multiplier
-        else:
-            self.noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=cfg.target_epsilon,
-                target_delta=cfg.target_delta,
-                sample_rate=planned_sample_rate,
-                num_rounds=num_rounds,
-                accountant=self.accountant,
-            )
-
-        # Adaptive clipping spends part of the budget on the bit count.
-        self.clipped_count_stddev = 0.0
-        self.update_noise_multiplier = self.noise_multiplier
-        if cfg.adaptive_clipping:
-            self.clipped_count_stddev = cfg.clipped_count_stddev or planned_num_sampled / 20
-            try:
-                self.update_noise_multiplier = update_noise_multiplier(
-                    self.noise_multiplier, clipped_count_stddev=self.clipped_count_stddev
-                )
-            except ValueError as err:
-                raise ConfigError(
-                    f"invalid advertiser-dp.clipped-count-stddev = {cfg.clipped_count_stddev!r} "
-                    f"(0 means {planned_num_sampled} expected clients / 20): {err}; raise it, "
-                    "lower the noise multiplier or turn adaptive-clipping off"
-                ) from None
+        # z given or calibrated for the planned rounds and sample rate, and z_Δ and σ_b.
+        self.parameters = noise_parameters(
+            cfg,
+            num_rounds=num_rounds,
+            planned_num_sampled=planned_num_sampled,
+            planned_sample_rate=planned_sample_rate,
+        )
+        self.noise_multiplier = self.parameters.noise_multiplier
+        self.update_noise_multiplier = self.parameters.update_noise_multiplier
+        self.clipped_count_stddev = self.parameters.clipped_count_stddev
 
         self.clipping_norm = cfg.clipping_norm
         self.history: list[tuple[float, float, int]] = []  # (z, q, steps), Opacus' format
@@ -338,7 +481,7 @@ class AdvertiserDP:
 
         logger.info(
             "advertiser-dp: noise_multiplier=%.4g (update noise %.4g), clipping_norm=%.4g "
-            "(%s), planned sample_rate=%.4g over %s rounds, accountant=%s",
+            "(%s), planned sample_rate=%.4g over %s rounds, accountant=%s, noise added by %s",
             self.noise_multiplier,
             self.update_noise_multiplier,
             self.clipping_norm,
@@ -346,6 +489,7 @@ class AdvertiserDP:
             planned_sample_rate,
             num_rounds,
             self.accountant,
+            "the clients under secure aggregation" if distributed else "the server",
         )
         if self.accountant != cfg.accountant:
             logger.warning(
@@ -356,7 +500,13 @@ class AdvertiserDP:
                 cfg.target_epsilon,
                 self.accountant,
             )
-        if not secure_mode:
+        if not secure_mode and distributed:
+            logger.warning(
+                "advertiser-dp: privacy.secure-mode is off: each client's noise share comes "
+                "from a generator seeded with the run seed, round and client id, so anyone "
+                "with the config can remove it"
+            )
+        elif not secure_mode:
             logger.warning(
                 "advertiser-dp: privacy.secure-mode is off: the server's noise comes from a "
                 "generator seeded with the run seed, so anyone with the config can remove it"
@@ -375,6 +525,7 @@ class AdvertiserDP:
             planned_sample_rate=planned_sample_rate,
             seed=cfg.seed,
             secure_mode=cfg.privacy.secure_mode,
+            distributed=cfg.server.secure_aggregation,
         )
 
     def _generator(self, server_round: int, stream: int) -> np.random.Generator | None:
@@ -392,6 +543,11 @@ class AdvertiserDP:
         started from. Sampled clients without a valid update (failed, declined, rejected)
         count as zero updates: the sum is divided by ``sampling.num_sampled``.
         """
+        if self.distributed:
+            raise RuntimeError(
+                "privatize() called in the distributed mode, where the clients have added "
+                "the noise already: use release_distributed() on the unmasked sum"
+            )
         if not deltas:
             raise ValueError("deltas is empty: pass at least one valid update")
         if len(deltas) > sampling.num_sampled:
@@ -426,25 +582,18 @@ class AdvertiserDP:
             count_rng = self._generator(sampling.server_round, _COUNT_NOISE_STREAM)
             count_noise = float(gaussian_noise((1,), self.clipped_count_stddev, rng=count_rng)[0])
             unclipped_fraction = (within_count + count_noise) / len(deltas)
-            self.clipping_norm = adapt_clipping_norm(
-                clipping_norm,
-                unclipped_fraction=unclipped_fraction,
-                target_quantile=self.cfg.target_quantile,
-                learning_rate=self.cfg.clip_learning_rate,
-            )
+            self._adapt(unclipped_fraction)
 
         # Account for the round and record what it released (no per-client values).
-        self._append_step(sampling.sample_rate)
-        self.releases.append(
-            RoundRelease(
-                server_round=sampling.server_round,
-                clipping_norm=clipping_norm,
-                noise_stddev=stddev,
-                num_sampled=num_sampled,
-                sample_rate=sampling.sample_rate,
-                unclipped_fraction=unclipped_fraction,
-            )
+        release = RoundRelease(
+            server_round=sampling.server_round,
+            clipping_norm=clipping_norm,
+            noise_stddev=stddev,
+            num_sampled=num_sampled,
+            sample_rate=sampling.sample_rate,
+            unclipped_fraction=unclipped_fraction,
         )
+        self._record(release)
         logger.info(
             "aggregate_train: round %s: advertiser DP clipped %s updates to norm %.4g, "
             "noise stddev %.4g on the mean of %s sampled, epsilon=%.4g at delta=%.1e",
@@ -457,6 +606,107 @@ class AdvertiserDP:
             self.cfg.target_delta,
         )
         return noised
+
+    def noise_shares(self, *, min_survivors: int) -> NoiseShares:
+        """Return the clients' noise shares for the next round, at the current ``C``."""
+        return NoiseShares.for_round(
+            self.parameters, clipping_norm=self.clipping_norm, min_survivors=min_survivors
+        )
+
+    def release_distributed(
+        self,
+        update_sum: Mapping[str, np.ndarray],
+        *,
+        centred_count: float | None,
+        num_contributors: int,
+        sampling: RoundSampling,
+        shares: NoiseShares,
+    ) -> dict[str, np.ndarray]:
+        """Return the mean of an unmasked, already noised sum (float64) and advance the state.
+
+        ``update_sum`` is the sum of the ``num_contributors`` clipped and noised updates, and
+        ``centred_count`` the noised sum of their centred bits ``b_i - 1/2`` (None when
+        clipping is fixed). The sum is divided by ``sampling.num_sampled`` and no noise is
+        added. The round is accounted with ``z``, which bounds ε from above because
+        ``num_contributors >= shares.min_survivors`` (the module's "Dropouts").
+
+        Raises
+        ------
+        ValueError
+            If fewer than ``shares.min_survivors`` contributed, ``shares`` are not this
+            round's, or the count is missing or present against the clipping mode.
+        """
+        if not self.distributed:
+            raise RuntimeError("release_distributed() needs the distributed mode")
+        if not shares.min_survivors <= num_contributors <= sampling.num_sampled:
+            raise ValueError(
+                f"{num_contributors} contributors, expected {shares.min_survivors} (the "
+                f"minimum survivors the noise shares are calibrated for) to "
+                f"{sampling.num_sampled} (the sampled clients)"
+            )
+        if shares.clipping_norm != self.clipping_norm:
+            raise ValueError(
+                f"noise shares for clipping norm {shares.clipping_norm:.6g}, but this round's "
+                f"norm is {self.clipping_norm:.6g}"
+            )
+        if (centred_count is None) == self.cfg.adaptive_clipping:
+            raise ValueError(
+                "centred_count must be given exactly when advertiser-dp.adaptive-clipping is on"
+            )
+        self._check_sample_rate(sampling)
+        num_sampled = sampling.num_sampled
+        mean = {
+            name: np.asarray(value, np.float64) / num_sampled
+            for name, value in sorted(update_sum.items())
+        }
+
+        # The contributors are public, so adding back s / 2 is post-processing.
+        unclipped_fraction = None
+        if centred_count is not None:
+            unclipped_fraction = (centred_count + num_contributors / 2) / num_contributors
+            self._adapt(unclipped_fraction)
+
+        stddev = math.sqrt(num_contributors) * shares.update_stddev / num_sampled
+        release = RoundRelease(
+            server_round=sampling.server_round,
+            clipping_norm=shares.clipping_norm,
+            noise_stddev=stddev,
+            num_sampled=num_sampled,
+            sample_rate=sampling.sample_rate,
+            unclipped_fraction=unclipped_fraction,
+            noise_added_by="clients",
+            num_contributors=num_contributors,
+            min_survivors=shares.min_survivors,
+            noise_share_stddev=shares.update_stddev,
+        )
+        self._record(release)
+        logger.info(
+            "aggregate_train: round %s: advertiser DP (distributed): %s clients clipped to "
+            "norm %.4g and added noise shares of stddev %.4g (calibrated for %s survivors), "
+            "noise stddev %.4g on the mean of %s sampled, epsilon=%.4g at delta=%.1e",
+            sampling.server_round,
+            num_contributors,
+            shares.clipping_norm,
+            shares.update_stddev,
+            shares.min_survivors,
+            stddev,
+            num_sampled,
+            self.epsilon(),
+            self.cfg.target_delta,
+        )
+        return mean
+
+    def _adapt(self, unclipped_fraction: float) -> None:
+        self.clipping_norm = adapt_clipping_norm(
+            self.clipping_norm,
+            unclipped_fraction=unclipped_fraction,
+            target_quantile=self.cfg.target_quantile,
+            learning_rate=self.cfg.clip_learning_rate,
+        )
+
+    def _record(self, release: RoundRelease) -> None:
+        self._append_step(release.sample_rate)
+        self.releases.append(release)
 
     def _check_sample_rate(self, sampling: RoundSampling) -> None:
         if self._warned_sample_rate or sampling.sample_rate <= self.planned_sample_rate * 1.0001:
@@ -552,5 +802,35 @@ class AdvertiserDP:
                 "clients, so a client without a valid update counts as zero)"
             ),
             "secure_mode": self.secure_mode,
+            **self._noise_summary(),
             "rounds": [asdict(release) for release in self.releases],
+        }
+
+    def _noise_summary(self) -> dict[str, Any]:
+        """Who added the noise, and for the distributed mode the share calibration."""
+        if not self.distributed:
+            return {
+                "noise_added_by": "server (central)",
+                "noise_share_stddev": None,
+                "count_share_stddev": None,
+                "min_survivors": None,
+                "noise_note": None,
+            }
+        last = self.releases[-1] if self.releases else None
+        return {
+            "noise_added_by": "clients under secure aggregation (distributed)",
+            # Of the last aggregated round: the share scales with that round's C.
+            "noise_share_stddev": None if last is None else last.noise_share_stddev,
+            "count_share_stddev": (
+                None
+                if last is None or not self.cfg.adaptive_clipping
+                else self.clipped_count_stddev / math.sqrt(last.min_survivors or 1)
+            ),
+            "min_survivors": None if last is None else last.min_survivors,
+            "noise_note": (
+                "each client adds a share of stddev z_update * C / sqrt(min_survivors); with "
+                "s >= min_survivors survivors the noise is sqrt(s / min_survivors) times the "
+                "planned one, and a round with fewer survivors fails, so epsilon is an upper "
+                "bound. Clients colluding with the server can subtract their own shares"
+            ),
         }

@@ -198,7 +198,9 @@ def run_rounds(
         )
         config = ConfigRecord({"server-round": server_round, **base_config})
         if server.secure_aggregation:
-            result = run_secure_round(grid, sampled, strategy, config, cfg, server_round)
+            result = run_secure_round(
+                grid, sampled, strategy, config, cfg, server_round, num_available=len(nodes)
+            )
         else:
             result = _plain_round(grid, sampled, strategy, config, cfg, server_round, len(nodes))
         received = result.replies

@@ -94,7 +94,14 @@ def not_protected(cfg: RunConfig | None = None) -> list[str]:
             "learn more than the sum."
         )
     advertiser = cfg.advertiser_dp
-    if advertiser.enabled:
+    if advertiser.enabled and cfg.server.secure_aggregation:
+        items.append(
+            "Advertiser-level noise is added by the clients in shares under secure "
+            "aggregation, so an honest-but-curious server sees only the noised sum. Clients "
+            "colluding with the server can subtract their own shares and lower the noise, "
+            "and a client that tampers with its clipping or noise is not detected."
+        )
+    elif advertiser.enabled:
         items.append(
             "Advertiser-level DP is applied by the server, which receives each client's "
             "update before clipping and noise: the advertiser-level guarantee covers the "

@@ -33,6 +33,19 @@ rules (median, trimmed mean) need every update and are rejected by the config. A
 honest-but-curious server is assumed: a malicious client can still send any vector
 within the fixed-point range.
 
+Advertiser-level DP (distributed): with ``advertiser-dp.enabled`` the server sends the
+round's clipping norm ``C`` in the train config and sizes the fixed-point range for a
+clipped coordinate plus its noise share. Each client clips to ``C``, uses weight 1 and adds
+its noise share of ``z_Δ C / sqrt(m_min)`` (plus a noised centred bit for adaptive
+clipping) before masking (:mod:`client.distributed_dp`). The server checks that the weight
+sum equals the number of contributors, divides the sum by the number sampled and adds no
+noise (:meth:`server.central_dp.AdvertiserDP.release_distributed`). The shares are
+calibrated for ``m_min = max(server.min-train-nodes, threshold)`` survivors, the fewest
+with which a round can aggregate, so with ``s >= m_min`` survivors the realised noise is
+``sqrt(s / m_min)`` times the planned one and never below it. The guarantee against the
+server rests on it seeing only that sum. Clients who collude with it and subtract their
+own shares reduce the noise, the usual caveat of distributed DP.
+
 Dropouts: a client that fails or times out after sharing its keys is removed from the sum
 with its reconstructed mask key, as long as at least ``threshold`` share holders answer.
 When fewer survive, or fewer than ``server.min-train-nodes`` send a masked input, the
@@ -55,10 +68,23 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.secagg import records
 from common.secagg.fixed_point import layout_of, layout_size
-from common.secagg.messages import STAGE_MASKED_INPUT, STAGE_SETUP, MaskedInputMessage, SecAggAbort
+from common.secagg.messages import (
+    STAGE_MASKED_INPUT,
+    STAGE_SETUP,
+    AggregateResult,
+    MaskedInputMessage,
+    SecAggAbort,
+)
 from common.secagg.server import SecAggServer
-from common.secagg.update import aggregation_layout, clipping_range, mean_from_sum
-from server.aggregation import GlobalAdapter
+from common.secagg.update import (
+    COUNT_KEY,
+    WEIGHT_KEY,
+    aggregation_layout,
+    clipping_range,
+    mean_from_sum,
+)
+from server.aggregation import AggregationOutcome, GlobalAdapter
+from server.central_dp import CLIPPING_NORM_CONFIG_KEY, NoiseShares, RoundSampling
 from server.nodes import Node, RoundReplies, RoundResult, as_number, train_messages
 
 logger = logging.getLogger(__name__)
@@ -145,18 +171,25 @@ def run_secure_round(
     config: ConfigRecord,
     cfg: RunConfig,
     server_round: int,
+    *,
+    num_available: int | None = None,
 ) -> RoundResult:
     """Train ``sampled`` clients and aggregate their updates under SecAgg+.
 
     The global adapter changes only when the whole protocol succeeds with at least
-    ``server.min-train-nodes`` contributors; otherwise the round fails as described in
-    the module docstring, and ``extra["secagg_failed_stage"]`` names the stage.
+    ``server.min-train-nodes`` contributors. Under advertiser-level DP the minimum is the
+    number of survivors the noise shares are calibrated for. Otherwise the round fails as
+    described in the module docstring, and ``extra["secagg_failed_stage"]`` names the stage.
+    ``num_available`` sets the advertiser-DP sample rate (None: the sampled clients, which
+    overstates the rate and so ε).
     """
     server = cfg.server
     session = _Session(grid, sampled, cfg, server_round)
     replies = RoundReplies([], [], {}, session.failures, 0)
     result = RoundResult(replies, len(sampled), 0, (), 0, applied=False, bytes_down=0)
     result.extra = {"secagg_failed_stage": None, "secagg_error_bound": None}
+    dp = strategy.advertiser_dp
+    sampling = RoundSampling(server_round, len(sampled), num_available or len(sampled))
 
     def fail(stage: str, reason: str) -> RoundResult:
         logger.error(
@@ -175,13 +208,24 @@ def run_secure_round(
             f"{len(sampled)} clients sampled, fewer than min-train-nodes={server.min_train_nodes}",
         )
     reference = strategy.sent_adapter(cfg.model.lora_r)
-    layout = aggregation_layout(layout_of(reference))
+    threshold = threshold_for(cfg, len(sampled))
+    min_contributors = server.min_train_nodes
+    value_range = fixed_point_range(cfg)
+    noise_shares: NoiseShares | None = None
+    if dp is not None:
+        # Distributed DP: clients clip to this round's C and noise for m_min survivors.
+        noise_shares = dp.noise_shares(min_survivors=max(server.min_train_nodes, threshold))
+        min_contributors = noise_shares.min_survivors
+        value_range = noise_shares.fixed_point_range
+        config = ConfigRecord({**config, CLIPPING_NORM_CONFIG_KEY: noise_shares.clipping_norm})
+    with_count = dp is not None and cfg.advertiser_dp.adaptive_clipping
+    layout = aggregation_layout(layout_of(reference), with_count=with_count)
     stage = STAGE_SETUP
     try:
         protocol = SecAggServer(
             list(session.nodes),
-            threshold=threshold_for(cfg, len(sampled)),
-            clipping_range=fixed_point_range(cfg),
+            threshold=threshold,
+            clipping_range=value_range,
             layout=layout,
             modulus_bits=server.secagg_modulus_bits,
             num_neighbours=server.secagg_num_neighbours or None,
@@ -257,12 +301,17 @@ def run_secure_round(
         inputs, train_replies = session.exchange(STAGE_MASKED_INPUT, messages, read_train_reply)
         result.num_replies = len(train_replies)
         masked_inputs = [masked for masked in inputs.values() if masked is not None]
-        if len(masked_inputs) < server.min_train_nodes:
-            # Unmasking now would reveal a sum of too few clients, so the shares stay unused.
+        if len(masked_inputs) < min_contributors:
+            # Unmasking now would reveal a sum of too few clients (or, under advertiser-level
+            # DP, with too few noise shares), so the shares stay unused.
+            needed = (
+                f"min-train-nodes={server.min_train_nodes}"
+                if noise_shares is None
+                else f"the {min_contributors} survivors the noise shares are calibrated for"
+            )
             return fail(
                 STAGE_MASKED_INPUT,
-                f"{len(masked_inputs)} masked inputs, fewer than "
-                f"min-train-nodes={server.min_train_nodes}",
+                f"{len(masked_inputs)} masked inputs, fewer than {needed}",
             )
         requests = protocol.receive_masked_inputs(masked_inputs)
         stage = protocol.stage
@@ -283,7 +332,14 @@ def run_secure_round(
             lambda reply, i: records.read_unmask_response(reply.content, i),
         )
         aggregate = protocol.unmask(list(responses.values()))
-        mean, weight_sum, error_bound = mean_from_sum(aggregate.update_sum, aggregate.error_bound)
+        if noise_shares is None:
+            mean, weight_sum, error_bound = mean_from_sum(
+                aggregate.update_sum, aggregate.error_bound
+            )
+        else:
+            update_sum = dict(aggregate.update_sum)
+            weight_sum = _check_unit_weights(update_sum, aggregate)
+            error_bound = aggregate.error_bound / len(sampled)
     except SecAggAbort as err:
         return fail(err.stage, str(err))
     except ValueError as err:
@@ -299,8 +355,34 @@ def run_secure_round(
         weight_sum,
         error_bound,
     )
-    outcome = strategy.apply_secure_mean(mean, contributors)
+    outcome: AggregationOutcome
+    if noise_shares is None:
+        outcome = strategy.apply_secure_mean(mean, contributors)
+    else:
+        count = update_sum.pop(COUNT_KEY, None)
+        outcome = strategy.apply_distributed_sum(
+            update_sum,
+            contributors,
+            centred_count=None if count is None else float(np.asarray(count).reshape(-1)[0]),
+            sampling=sampling,
+            shares=noise_shares,
+        )
     result.accepted = outcome.accepted
     result.applied = outcome.applied
     result.extra["secagg_error_bound"] = error_bound
     return result
+
+
+def _check_unit_weights(update_sum: dict[str, np.ndarray], aggregate: AggregateResult) -> float:
+    """Pop the weight sum from ``update_sum``; raise ValueError unless every weight was 1.
+
+    Under distributed advertiser-level DP each contributor sends weight 1, so the weight
+    coordinate sums to the number of contributors, within the fixed-point error.
+    """
+    weight_sum = float(np.asarray(update_sum.pop(WEIGHT_KEY)).reshape(-1)[0])
+    if abs(weight_sum - aggregate.num_contributors) > aggregate.error_bound + 1e-9:
+        raise ValueError(
+            f"the weights of {aggregate.num_contributors} contributors sum to {weight_sum:.6g}: "
+            "under advertiser-level DP every client must send weight 1"
+        )
+    return weight_sum

@@ -42,9 +42,9 @@ _UNIT_MEANINGS = {
         "that advertiser, composed over every round the advertiser trained in."
     ),
     "advertiser": (
-        "Advertiser-level DP, as in DP-FedAvg. The server clips each advertiser's whole "
-        "update and adds noise to the aggregate, so the guarantee covers an advertiser's "
-        "entire data."
+        "Advertiser-level DP, as in DP-FedAvg. Each advertiser's whole update is clipped "
+        "and the aggregate is noised (by the server, or in shares by the clients under "
+        "secure aggregation), so the guarantee covers an advertiser's entire data."
     ),
 }
 
@@ -488,6 +488,7 @@ def _advertiser_section(advertiser: dict[str, Any]) -> list[str]:
             f"{_fmt(get('update_noise_multiplier'))}"
         ),
         f"- clipping: {_fmt(get('clipping'))}, initial norm {_fmt(get('initial_clipping_norm'))}",
+        *_noise_lines(advertiser),
         f"- sample rate (planned): {_fmt(get('planned_sample_rate'))}",
         f"- sampling: {_fmt(get('sampling'))}",
         f"- weighting: {_fmt(get('weighting'))}",
@@ -521,6 +522,26 @@ def _advertiser_section(advertiser: dict[str, Any]) -> list[str]:
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return lines + [""]
+
+
+def _noise_lines(advertiser: dict[str, Any]) -> list[str]:
+    """Render who added the advertiser-level noise; files without the key had the server."""
+    get = advertiser.get
+    if not str(get("noise_added_by") or "").startswith("clients"):
+        return ["- noise: added by the server to the mean (central)"]
+    lines = [
+        (
+            "- noise: added by the clients under secure aggregation (distributed), each "
+            f"share of stddev {_fmt(get('noise_share_stddev'))} in the last round, "
+            f"calibrated for at least {_fmt(get('min_survivors'))} survivors"
+        )
+    ]
+    if get("count_share_stddev") is not None:
+        lines.append(f"- clipped-count noise share stddev: {_fmt(get('count_share_stddev'))}")
+    note = get("noise_note")
+    if isinstance(note, str) and note:
+        lines.append(f"- noise note: {note}")
+    return lines
 
 
 def _not_protected_section(privacy: dict[str, Any]) -> list[str]:

@@ -144,6 +144,13 @@ class SecAggClient:
         assert self._setup is not None  # set by setup(), which _enter makes run first
         return self._setup
 
+    @property
+    def session(self) -> SetupMessage:
+        """Parameters of the current session (threshold, fixed-point range, layout)."""
+        if self._setup is None:
+            raise RuntimeError(f"client {self.client_id}: no session before setup()")
+        return self._setup
+
     def setup(self, message: SetupMessage) -> AdvertiseKeysMessage:
         """Store the session parameters and return two fresh X25519 public keys."""
         self._enter(STAGE_SETUP, STAGE_SETUP)

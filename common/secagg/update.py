@@ -28,16 +28,22 @@ from common.secagg.fixed_point import Layout
 # PEFT parameter names, which use dots.
 WEIGHT_KEY = "secagg/weight"
 
+# Name of the coordinate that carries a client's noised, centred bit ``1[||Δ|| <= C] - 1/2``
+# for adaptive clipping under distributed advertiser-level DP (:mod:`server.central_dp`).
+COUNT_KEY = "secagg/unclipped-count"
+
 # A function a client may apply to its clipped, weighted vector before masking, e.g. to add
 # its share of distributed DP noise. It receives and returns ``{name: float64 array}``.
 NoiseShare = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-def aggregation_layout(adapter_layout: Layout) -> Layout:
-    """Return the adapter layout followed by the weight coordinate."""
-    if any(name == WEIGHT_KEY for name, _ in adapter_layout):
-        raise ValueError(f"the adapter has a tensor named {WEIGHT_KEY!r}, which is reserved")
-    return (*adapter_layout, (WEIGHT_KEY, (1,)))
+def aggregation_layout(adapter_layout: Layout, *, with_count: bool = False) -> Layout:
+    """Return the adapter layout followed by the weight and, if requested, the count coordinate."""
+    for reserved in (WEIGHT_KEY, COUNT_KEY):
+        if any(name == reserved for name, _ in adapter_layout):
+            raise ValueError(f"the adapter has a tensor named {reserved!r}, which is reserved")
+    extra = ((COUNT_KEY, (1,)),) if with_count else ()
+    return (*adapter_layout, (WEIGHT_KEY, (1,)), *extra)
 
 
 def clipping_range(*, clip_norm: float, max_weight: float) -> float:
