@@ -14,6 +14,7 @@ from opacus import GradSampleModule, PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from client.secure_dp import SecureDPOptimizer, make_secure
 from common.config import PrivacyConfig, TrainConfig
 from common.text import IGNORE_INDEX, EncodedExample
 
@@ -97,6 +98,7 @@ class LocalTrainResult:
     train_loss: float
     sample_rate: float
     noise_multiplier: float
+    secure_mode: bool = False  # DP noise and Poisson sampling came from the OS CSPRNG
 
 
 _insecure_warned = False
@@ -238,6 +240,13 @@ def train_local(
     :func:`steps_per_round`; the caller accounts for exactly the steps taken.
     ``proximal_mu > 0`` adds FedProx's proximal term around the adapter the model holds
     on entry (:class:`ProximalTerm`).
+
+    With ``privacy.secure_mode`` the noise and the Poisson draws come from the operating
+    system's CSPRNG (:func:`client.secure_dp.make_secure`) and cannot be reproduced;
+    otherwise both come from a generator seeded with ``seed``.
+
+    NOTE: Opacus sets q = 1 / ceil(n / batch_size), which is below batch_size / n when
+    batch_size does not divide n, so the ledger's q overstates the sampling rate there.
     """
     dataset = EncodedDataset(examples, pad_token_id)
     num_examples = len(dataset)
@@ -262,7 +271,9 @@ def train_local(
         if not privacy.secure_mode:
             _warn_insecure_noise_once()
         with _quiet_opacus():
-            engine = PrivacyEngine(secure_mode=privacy.secure_mode)
+            # Opacus' own secure mode needs the torchcsprng package; make_secure below
+            # replaces the seeded noise and sampling instead.
+            engine = PrivacyEngine(secure_mode=False)
             loss_module, optimizer, loader = engine.make_private(
                 module=loss_module,
                 optimizer=optimizer,
@@ -274,6 +285,8 @@ def train_local(
                 grad_sample_mode="hooks",
             )
         assert isinstance(loss_module, GradSampleModule)
+        if privacy.secure_mode:
+            optimizer, loader = make_secure(optimizer, loader)
 
     losses: list[float] = []
     with _quiet_opacus():
@@ -288,6 +301,7 @@ def train_local(
         train_loss=mean_loss,
         sample_rate=sample_rate if privacy.dp else 0.0,
         noise_multiplier=noise_multiplier if privacy.dp else 0.0,
+        secure_mode=isinstance(optimizer, SecureDPOptimizer),
     )
 
 
