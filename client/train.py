@@ -186,6 +186,18 @@ class ProximalTerm:
                 grad_sample += (self.mu * (p - anchor)).unsqueeze(0)
 
 
+def _set_empty_grad_samples(loss_module: GradSampleModule) -> None:
+    """Give each trained tensor a per-sample gradient with zero rows, for an empty batch.
+
+    BERT's attention cannot reshape a batch of zero samples, so an empty Poisson batch
+    skips the forward pass. Opacus' DPOptimizer then clips no rows and still adds the
+    step's noise, as the privacy accounting of that step assumes.
+    """
+    for p in loss_module.parameters():
+        if p.requires_grad:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+
+
 def backward_batch(
     loss_module: nn.Module,
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -197,11 +209,14 @@ def backward_batch(
     Opacus ``GradSampleModule``; the proximal term goes where the optimizer reads them.
     """
     input_ids, attention_mask, labels = batch
+    private = isinstance(loss_module, GradSampleModule)
+    if private and input_ids.shape[0] == 0:
+        _set_empty_grad_samples(loss_module)
+        return torch.zeros(0)
     per_sample = loss_module(input_ids, attention_mask, labels)  # (B,)
     # Mean over the actual batch; Opacus rescales by the batch size it observes,
     # and an empty Poisson batch contributes a zero gradient plus the step's noise.
     loss = per_sample.sum() / max(1, per_sample.shape[0])
-    private = isinstance(loss_module, GradSampleModule)
     if proximal is not None and not private:
         loss = loss + proximal.value()
     loss.backward()
@@ -271,7 +286,7 @@ def train_local(
         if not privacy.secure_mode:
             _warn_insecure_noise_once()
         with _quiet_opacus():
-            # Opacus' own secure mode needs the torchcsprng package; make_secure below
+            # Opacus' own secure mode needs the torchcsprng package, so make_secure below
             # replaces the seeded noise and sampling instead.
             engine = PrivacyEngine(secure_mode=False)
             loss_module, optimizer, loader = engine.make_private(

@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 from tiny_models import tiny_lora_bert
 from torch.utils.data import DataLoader
 
-from client import secure_rng
+from client import secure_dp, secure_rng
 from client.secure_dp import SecureDPOptimizer, SecurePoissonSampler, make_secure
 from client.train import EncodedDataset, train_local
 from common.config import PrivacyConfig, TrainConfig
@@ -253,6 +254,20 @@ def test_secure_step_uses_secure_optimizer(monkeypatch):
     result = _train(tiny_lora_bert(random_lora_b=False), _examples(), secure=True, steps=2)
     assert result.steps == 2
     assert calls == [SecureDPOptimizer, SecureDPOptimizer]
+
+
+def test_empty_batches_take_noise_steps(monkeypatch):
+    # A sampler that selects no record makes every batch empty. Each step must still run
+    # and add noise, with no forward pass and so no training loss.
+    no_record = types.SimpleNamespace(uniform=np.ones, gaussian=secure_rng.gaussian)
+    monkeypatch.setattr(secure_dp, "secure_rng", no_record)
+    model = tiny_lora_bert(random_lora_b=False)
+    before = _trainable(model)
+    result = _train(model, _examples(), secure=True, steps=2)
+    assert result.steps == 2
+    assert math.isnan(result.train_loss)
+    after = _trainable(model)
+    assert all(not torch.equal(before[n], after[n]) for n in before)
 
 
 def test_secure_mode_is_not_seeded():
