@@ -259,7 +259,7 @@ def train_round(msg: Message, context: Context, cfg: RunConfig) -> TrainOutcome:
         "steps": result.steps,
         "declined": 0,
         "train-time-s": time.perf_counter() - started,
-        "secure-mode": int(cfg.privacy.dp and cfg.privacy.secure_mode),
+        "secure-mode": int(result.secure_mode),
         **pii_metrics(cfg, context),
     }
     release = Release(server_round, request_digest(msg), get_adapter_arrays(model), metrics)

@@ -18,6 +18,7 @@ from pathlib import Path
 from flwr.app import Context
 from peft import PeftModel
 
+from client import secure_rng
 from client.pii import KINDS, ScrubConfig, scrub_records
 from common.config import PRV_MAX_EPSILON, DataConfig, ModelConfig, PrivacyConfig, RunConfig
 from common.data import AdRecord, load_records
@@ -172,24 +173,25 @@ def ledger_accountant(privacy: PrivacyConfig) -> str:
 
 
 def check_secure_mode(privacy: PrivacyConfig) -> None:
-    """Raise RuntimeError if ``privacy.secure_mode`` is on but Opacus cannot provide it.
+    """Raise RuntimeError if ``privacy.secure_mode`` is on but ``os.urandom`` fails.
 
-    Opacus (1.6) draws secure noise and Poisson samples from ``torchcsprng``. Without that
-    package ``PrivacyEngine(secure_mode=True)`` raises ImportError in every client, so this
-    check turns a round of failed replies into one clear error before the run starts.
-
-    NOTE: pip finds no torchcsprng distribution for Python 3.11 (its last release, 0.2.1,
-    dates from 2021), so secure mode cannot run on such an installation.
+    Secure mode draws DP noise and Poisson samples from the operating system's CSPRNG
+    (``client.secure_rng``). ``os.urandom`` raises NotImplementedError where the system has
+    no such source, so this check turns a round of failed replies into one clear error
+    before the run starts.
     """
     if not (privacy.dp and privacy.secure_mode):
         return
+    cause = "privacy.production = true" if privacy.production else "privacy.secure-mode = true"
     try:
-        import torchcsprng  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        cause = "privacy.production = true" if privacy.production else "privacy.secure-mode = true"
+        secure_rng.uniform(1)
+    except NotImplementedError as err:
         raise RuntimeError(
-            f"{cause} needs Opacus' secure mode, which needs the package torchcsprng, and "
-            "it is not installed: install a torchcsprng build that matches your torch "
-            "version, or for experiments set privacy.production = false and "
-            "privacy.secure-mode = false (noise then comes from a seeded generator)"
-        ) from None
+            f"{cause} needs the operating system's cryptographically secure random "
+            f"generator, and os.urandom failed: {err}. Run on a system that provides "
+            "getrandom(2) or /dev/urandom, or for experiments set privacy.production = false "
+            "and privacy.secure-mode = false (noise then comes from a seeded generator)"
+        ) from err
+    logger.info(
+        "secure mode (%s): DP noise and Poisson sampling come from os.urandom", cause
+    )

@@ -14,6 +14,7 @@ from opacus import GradSampleModule, PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from client.secure_dp import SecureDPOptimizer, make_secure
 from common.config import PrivacyConfig, TrainConfig
 from common.text import IGNORE_INDEX, EncodedExample
 
@@ -97,6 +98,7 @@ class LocalTrainResult:
     train_loss: float
     sample_rate: float
     noise_multiplier: float
+    secure_mode: bool = False  # DP noise and Poisson sampling came from the OS CSPRNG
 
 
 _insecure_warned = False
@@ -184,6 +186,18 @@ class ProximalTerm:
                 grad_sample += (self.mu * (p - anchor)).unsqueeze(0)
 
 
+def _set_empty_grad_samples(loss_module: GradSampleModule) -> None:
+    """Give each trained tensor a per-sample gradient with zero rows, for an empty batch.
+
+    BERT's attention cannot reshape a batch of zero samples, so an empty Poisson batch
+    skips the forward pass. Opacus' DPOptimizer then clips no rows and still adds the
+    step's noise, as the privacy accounting of that step assumes.
+    """
+    for p in loss_module.parameters():
+        if p.requires_grad:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+
+
 def backward_batch(
     loss_module: nn.Module,
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -195,11 +209,14 @@ def backward_batch(
     Opacus ``GradSampleModule``; the proximal term goes where the optimizer reads them.
     """
     input_ids, attention_mask, labels = batch
+    private = isinstance(loss_module, GradSampleModule)
+    if private and input_ids.shape[0] == 0:
+        _set_empty_grad_samples(loss_module)
+        return torch.zeros(0)
     per_sample = loss_module(input_ids, attention_mask, labels)  # (B,)
     # Mean over the actual batch; Opacus rescales by the batch size it observes,
     # and an empty Poisson batch contributes a zero gradient plus the step's noise.
     loss = per_sample.sum() / max(1, per_sample.shape[0])
-    private = isinstance(loss_module, GradSampleModule)
     if proximal is not None and not private:
         loss = loss + proximal.value()
     loss.backward()
@@ -238,6 +255,13 @@ def train_local(
     :func:`steps_per_round`; the caller accounts for exactly the steps taken.
     ``proximal_mu > 0`` adds FedProx's proximal term around the adapter the model holds
     on entry (:class:`ProximalTerm`).
+
+    With ``privacy.secure_mode`` the noise and the Poisson draws come from the operating
+    system's CSPRNG (:func:`client.secure_dp.make_secure`) and cannot be reproduced;
+    otherwise both come from a generator seeded with ``seed``.
+
+    NOTE: Opacus sets q = 1 / ceil(n / batch_size), which is below batch_size / n when
+    batch_size does not divide n, so the ledger's q overstates the sampling rate there.
     """
     dataset = EncodedDataset(examples, pad_token_id)
     num_examples = len(dataset)
@@ -262,7 +286,9 @@ def train_local(
         if not privacy.secure_mode:
             _warn_insecure_noise_once()
         with _quiet_opacus():
-            engine = PrivacyEngine(secure_mode=privacy.secure_mode)
+            # Opacus' own secure mode needs the torchcsprng package, so make_secure below
+            # replaces the seeded noise and sampling instead.
+            engine = PrivacyEngine(secure_mode=False)
             loss_module, optimizer, loader = engine.make_private(
                 module=loss_module,
                 optimizer=optimizer,
@@ -274,6 +300,8 @@ def train_local(
                 grad_sample_mode="hooks",
             )
         assert isinstance(loss_module, GradSampleModule)
+        if privacy.secure_mode:
+            optimizer, loader = make_secure(optimizer, loader)
 
     losses: list[float] = []
     with _quiet_opacus():
@@ -288,6 +316,7 @@ def train_local(
         train_loss=mean_loss,
         sample_rate=sample_rate if privacy.dp else 0.0,
         noise_multiplier=noise_multiplier if privacy.dp else 0.0,
+        secure_mode=isinstance(optimizer, SecureDPOptimizer),
     )
 
 

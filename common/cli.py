@@ -136,8 +136,9 @@ def _add_privacy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--production",
         action="store_true",
-        help="mark the run as production: DP noise from a cryptographically secure generator "
-        "(Opacus secure mode, needs the torchcsprng package)",
+        help="mark the run as production: DP noise and Poisson sampling come from the "
+        "operating system's cryptographically secure generator (os.urandom), with noise "
+        "hardened against floating-point attacks; such runs cannot be reproduced",
     )
     p.add_argument(
         "--no-scrub-pii",

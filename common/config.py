@@ -210,8 +210,9 @@ class PrivacyConfig:
     composed over every round it takes part in. ``clipping_norm`` bounds each record's
     gradient (L2). ``accountant`` is ``"prv"`` or ``"rdp"``; a PRV request with
     ``target_epsilon`` above ``PRV_MAX_EPSILON`` is served by RDP (see
-    :attr:`accountant_in_use`). ``secure_mode`` draws noise from a cryptographically secure
-    generator and is forced on when ``production`` is true.
+    :attr:`accountant_in_use`). ``secure_mode`` draws the DP noise and the Poisson samples
+    from the operating system's CSPRNG (``client.secure_rng``) and is forced on when
+    ``production`` is true.
 
     ``scrub_pii`` replaces the PII kinds listed in ``scrub_kinds`` (comma-separated subset
     of ``PII_KINDS``) in each client's records before tokenization. The replacement counts

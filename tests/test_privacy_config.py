@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import types
 
-import opacus.optimizers.optimizer
 import pytest
-import torch
-from tiny_models import tiny_lora_bert
 
+from client import secure_rng
 from client.ledger import PrivacyEvent, PrivacyLedger
 from client.pii import KINDS
 from client.runtime import check_secure_mode, ledger_accountant
-from client.train import train_local
 from common.cli import build_parser, config_from_args
-from common.config import PII_KINDS, ConfigError, PrivacyConfig, RunConfig, TrainConfig
-from common.text import IGNORE_INDEX, EncodedExample
+from common.config import PII_KINDS, ConfigError, PrivacyConfig, RunConfig
 
 
 def test_privacy_defaults():
@@ -123,98 +117,39 @@ def test_production_config_yields_secure_mode(tmp_path):
     assert RunConfig.from_toml(path).privacy.secure_mode is True
 
 
-# --- secure mode in a real DP step --------------------------------------------------------
+# --- secure mode start-up check -------------------------------------------------------
 
 
-def _examples(count: int = 12) -> list[EncodedExample]:
-    generator = torch.Generator().manual_seed(3)
-    examples = []
-    for _ in range(count):
-        ids = tuple(int(i) for i in torch.randint(5, 97, (10,), generator=generator))
-        examples.append(EncodedExample(input_ids=ids, labels=(IGNORE_INDEX,) * 4 + ids[4:]))
-    return examples
-
-
-def test_secure_mode_check_names_missing_package(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchcsprng", None)  # import fails as if not installed
-    with pytest.raises(RuntimeError, match="privacy.production = true needs .*torchcsprng"):
-        check_secure_mode(PrivacyConfig(production=True))
+def test_secure_mode_check_passes_with_os_csprng():
+    check_secure_mode(PrivacyConfig(production=True))
     check_secure_mode(PrivacyConfig())  # secure mode off: nothing to check
     check_secure_mode(PrivacyConfig(dp=False, production=True))  # no DP noise at all
 
 
-def test_production_step_without_csprng_fails(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchcsprng", None)
-    with pytest.raises(ImportError, match="torchcsprng"):
-        train_local(
-            tiny_lora_bert(random_lora_b=False),
-            _examples(),
-            train=TrainConfig(batch_size=4),
-            privacy=PrivacyConfig(production=True),
-            noise_multiplier=1.0,
-            pad_token_id=0,
-            seed=0,
-            steps=1,
-        )
+def _fail_urandom(monkeypatch) -> None:
+    def urandom(size: int) -> bytes:
+        raise NotImplementedError("no randomness source")
+
+    # Replaces os only inside client.secure_rng, so the rest of the process keeps urandom.
+    monkeypatch.setattr(secure_rng, "os", types.SimpleNamespace(urandom=urandom))
+
+
+def test_secure_mode_check_names_failed_urandom(monkeypatch):
+    _fail_urandom(monkeypatch)
+    with pytest.raises(RuntimeError, match="privacy.production = true needs .*os.urandom failed"):
+        check_secure_mode(PrivacyConfig(production=True))
+    with pytest.raises(RuntimeError, match="privacy.secure-mode = true needs"):
+        check_secure_mode(PrivacyConfig(secure_mode=True))
+    check_secure_mode(PrivacyConfig())
 
 
 def test_simulate_production_fails_before_training(monkeypatch, capsys, tmp_path):
     from common.cli import main
 
-    monkeypatch.setitem(sys.modules, "torchcsprng", None)
+    _fail_urandom(monkeypatch)
     code = main(
         ["simulate", "--production", "--data-dir", str(tmp_path), "--output", str(tmp_path / "run")]
     )
     assert code == 1
-    assert "torchcsprng" in capsys.readouterr().err
+    assert "os.urandom failed" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-
-
-def test_dp_step_runs_in_secure_mode(monkeypatch):
-    # torchcsprng does not install for this Python and torch, so a stand-in module returns
-    # a generator seeded from os.urandom. This checks the wiring: Opacus gets
-    # secure_mode=True, draws every noise tensor from the secure generator through its
-    # hardened sampler, and no seeded generator reaches it.
-    secure_generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-    devices = []
-
-    def create_random_device_generator(device: str) -> torch.Generator:
-        devices.append(device)
-        return secure_generator
-
-    stand_in = types.ModuleType("torchcsprng")
-    stand_in.create_random_device_generator = create_random_device_generator  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "torchcsprng", stand_in)
-
-    noise_calls = []
-    generate_noise = opacus.optimizers.optimizer._generate_noise
-
-    def spy(std, reference, generator=None, secure_mode=False):
-        noise_calls.append((generator, secure_mode))
-        return generate_noise(std, reference, generator=generator, secure_mode=secure_mode)
-
-    monkeypatch.setattr(opacus.optimizers.optimizer, "_generate_noise", spy)
-
-    model = tiny_lora_bert(random_lora_b=False)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    result = train_local(
-        model,
-        _examples(),
-        train=TrainConfig(batch_size=4, learning_rate=1e-2),
-        privacy=RunConfig.from_dict({"privacy": {"production": True}}).privacy,
-        noise_multiplier=1.0,
-        pad_token_id=0,
-        seed=0,
-        steps=2,
-    )
-
-    assert result.steps == 2
-    assert devices == ["/dev/urandom"]
-    num_lora_tensors = len(before)
-    assert len(noise_calls) == 2 * num_lora_tensors  # one noise tensor per parameter per step
-    assert all(secure for _, secure in noise_calls)
-    assert all(generator is secure_generator for generator, _ in noise_calls)
-    changed = [
-        n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])
-    ]
-    assert len(changed) == num_lora_tensors
