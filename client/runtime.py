@@ -18,8 +18,8 @@ from pathlib import Path
 from flwr.app import Context
 from peft import PeftModel
 
-from client import secure_rng
 from client.pii import KINDS, ScrubConfig, scrub_records
+from common import secure_rng
 from common.config import PRV_MAX_EPSILON, DataConfig, ModelConfig, PrivacyConfig, RunConfig
 from common.data import AdRecord, load_records
 from common.model import build_lora_model, load_tokenizer
@@ -176,7 +176,7 @@ def check_secure_mode(privacy: PrivacyConfig) -> None:
     """Raise RuntimeError if ``privacy.secure_mode`` is on but ``os.urandom`` fails.
 
     Secure mode draws DP noise and Poisson samples from the operating system's CSPRNG
-    (``client.secure_rng``). ``os.urandom`` raises NotImplementedError where the system has
+    (``common.secure_rng``). ``os.urandom`` raises NotImplementedError where the system has
     no such source, so this check turns a round of failed replies into one clear error
     before the run starts.
     """

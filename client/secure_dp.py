@@ -1,4 +1,4 @@
-"""Opacus DP-SGD with noise and Poisson sampling drawn from the OS CSPRNG (``client.secure_rng``).
+"""Opacus DP-SGD with noise and Poisson sampling drawn from the OS CSPRNG (``common.secure_rng``).
 
 ``PrivacyEngine(secure_mode=True)`` in Opacus 1.6 needs the ``torchcsprng`` package. Here the
 engine runs with ``secure_mode=False`` and :func:`make_secure` then replaces the two random
@@ -17,11 +17,11 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Sampler
 
-from client import secure_rng
+from common import secure_rng
 
 
 def gaussian_like(reference: torch.Tensor, std: float) -> torch.Tensor:
-    """Hardened N(0, ``std``²) noise (:func:`client.secure_rng.gaussian`) shaped like ``reference``."""
+    """Hardened N(0, ``std``²) noise (:func:`common.secure_rng.gaussian`) shaped like ``reference``."""
     if std == 0:
         return torch.zeros_like(reference)
     noise = secure_rng.gaussian(reference.numel(), std).reshape(reference.shape)

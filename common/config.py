@@ -211,7 +211,7 @@ class PrivacyConfig:
     gradient (L2). ``accountant`` is ``"prv"`` or ``"rdp"``; a PRV request with
     ``target_epsilon`` above ``PRV_MAX_EPSILON`` is served by RDP (see
     :attr:`accountant_in_use`). ``secure_mode`` draws the DP noise and the Poisson samples
-    from the operating system's CSPRNG (``client.secure_rng``) and is forced on when
+    from the operating system's CSPRNG (``common.secure_rng``) and is forced on when
     ``production`` is true.
 
     ``scrub_pii`` replaces the PII kinds listed in ``scrub_kinds`` (comma-separated subset

@@ -76,7 +76,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -85,6 +84,7 @@ import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from common import secure_rng
 from common.config import PRV_MAX_EPSILON, AdvertiserDPConfig, ConfigError, RunConfig
 
 # NOTE: only the supercore location (Flower 1.42) is tested; older releases had these
@@ -160,20 +160,13 @@ def gaussian_noise(
 ) -> np.ndarray:
     """Draw float64 noise ``N(0, stddev²)`` of ``shape``.
 
-    With ``rng=None`` the uniforms come from the operating system's CSPRNG (``os.urandom``)
-    and pass through Box-Muller. Four such draws are summed and halved, as Opacus (1.6)
-    does in secure mode against floating-point attacks on a single Gaussian sample.
+    With ``rng=None`` the noise comes from the operating system's CSPRNG, hardened against
+    floating-point attacks (:func:`common.secure_rng.gaussian`).
     """
     if rng is not None:
         return rng.normal(0.0, stddev, size=shape)
     size = int(np.prod(shape, dtype=np.int64))
-    total = np.zeros(size, np.float64)
-    for _ in range(4):
-        raw = np.frombuffer(os.urandom(16 * size), dtype=np.uint64).reshape(2, size)
-        # 53 random bits per uniform, shifted into the open interval (0, 1).
-        u1, u2 = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
-        total += np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
-    return (total / 2.0 * stddev).reshape(shape)
+    return secure_rng.gaussian(size, stddev).reshape(shape)
 
 
 def adapt_clipping_norm(

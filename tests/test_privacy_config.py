@@ -7,10 +7,10 @@ import types
 
 import pytest
 
-from client import secure_rng
 from client.ledger import PrivacyEvent, PrivacyLedger
 from client.pii import KINDS
 from client.runtime import check_secure_mode, ledger_accountant
+from common import secure_rng
 from common.cli import build_parser, config_from_args
 from common.config import PII_KINDS, ConfigError, PrivacyConfig, RunConfig
 
@@ -130,7 +130,7 @@ def _fail_urandom(monkeypatch) -> None:
     def urandom(size: int) -> bytes:
         raise NotImplementedError("no randomness source")
 
-    # Replaces os only inside client.secure_rng, so the rest of the process keeps urandom.
+    # Replaces os only inside common.secure_rng, so the rest of the process keeps urandom.
     monkeypatch.setattr(secure_rng, "os", types.SimpleNamespace(urandom=urandom))
 
 

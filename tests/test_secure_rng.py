@@ -21,9 +21,10 @@ from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 from tiny_models import tiny_lora_bert
 from torch.utils.data import DataLoader
 
-from client import secure_dp, secure_rng
+from client import secure_dp
 from client.secure_dp import SecureDPOptimizer, SecurePoissonSampler, make_secure
 from client.train import EncodedDataset, train_local
+from common import secure_rng
 from common.config import PrivacyConfig, TrainConfig
 from common.text import IGNORE_INDEX, EncodedExample
 
