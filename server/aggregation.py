@@ -152,7 +152,12 @@ class GlobalAdapter:
         return self.sent_adapter(self.cfg.model.lora_r)
 
     def _to_state_space(self, update: ClientUpdate) -> Mapping[str, np.ndarray]:
-        return from_wire(update.arrays)
+        """Return the update's tensors as received, with no copy.
+
+        Aggregation casts them to float64 tensor by tensor, which is exact for every wire
+        dtype, so a float32 copy of all updates (as :func:`from_wire` makes) is not needed.
+        """
+        return update.arrays
 
     def validate(self, updates: Sequence[ClientUpdate]) -> tuple[list, list[InvalidUpdate]]:
         """Split updates into valid ones and rejections (each logged with its client id)."""
@@ -215,9 +220,7 @@ class GlobalAdapter:
         if self.advertiser_dp is not None:
             if sampling is None:
                 raise ValueError("advertiser-level DP needs the round's sampling to aggregate")
-            delta = self.advertiser_dp.privatize(
-                [_difference(point, reference) for point in points], sampling
-            )
+            delta = self.advertiser_dp.privatize(_Differences(points, reference), sampling)
         else:
             weights = [1.0 if self.uniform else float(update.num_examples) for update in valid]
             combined = aggregate(
@@ -336,6 +339,28 @@ def _difference(
     }
 
 
+class _Differences(Sequence):
+    """``points[i] - reference`` in float64, computed when item ``i`` is read.
+
+    Iterating keeps one difference in memory at a time instead of all of them, and the
+    reference is cast to float64 once instead of once per point.
+    """
+
+    def __init__(
+        self, points: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray]
+    ) -> None:
+        self._points = points
+        self._reference = {key: np.asarray(value, np.float64) for key, value in reference.items()}
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return _difference(self._points[index], self._reference)
+
+
 class MixedRankAdapter(GlobalAdapter):
     """Global state of a run with heterogeneous client ranks (FlexLoRA).
 
@@ -417,6 +442,8 @@ class MixedRankAdapter(GlobalAdapter):
         return self.state
 
     def _to_state_space(self, update: ClientUpdate) -> Mapping[str, np.ndarray]:
+        # NOTE: aggregate() keeps this dense point of every valid update in memory at
+        # once, so memory grows as num_updates * out * in per module.
         arrays = from_wire(update.arrays)
         point: dict[str, np.ndarray] = dict(
             delta_weights(arrays, scaling=self.scaling(update.rank))

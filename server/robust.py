@@ -108,9 +108,41 @@ def _normalized_weights(weights: Sequence[float], num_updates: int) -> np.ndarra
     return array / total
 
 
-def _stack(updates: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
-    """Stack one tensor of every update as float64, shape (num_updates, *tensor_shape)."""
-    return np.stack([np.asarray(update[name], dtype=np.float64) for update in updates])
+def _stack(
+    updates: Sequence[Mapping[str, np.ndarray]],
+    name: str,
+    base: Mapping[str, np.ndarray] | None = None,
+    factors: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Stack one tensor of every update as float64, shape (num_updates, *tensor_shape).
+
+    With ``base`` (float64), each row is the update's delta ``update - base``, scaled by
+    ``factors[i]`` when given. Rows are written into one preallocated array, so the only
+    other memory is one row's float64 copy.
+    """
+    stacked = np.empty((len(updates), *np.shape(updates[0][name])), dtype=np.float64)
+    for index, update in enumerate(updates):
+        row = stacked[index, ...]  # a view even for 0-d tensors
+        if base is None:
+            row[...] = np.asarray(update[name], dtype=np.float64)
+        else:
+            np.subtract(np.asarray(update[name], dtype=np.float64), base[name], out=row)
+        if factors is not None and factors[index] != 1.0:
+            row *= factors[index]
+    return stacked
+
+
+def _float64_tensors(
+    tensors: Mapping[str, np.ndarray], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    return {name: np.asarray(tensors[name], dtype=np.float64) for name in names}
+
+
+def _delta(
+    update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Return one update minus ``base`` (float64), in float64."""
+    return {name: np.asarray(update[name], dtype=np.float64) - base[name] for name in names}
 
 
 def _deltas(
@@ -119,21 +151,63 @@ def _deltas(
     names: Sequence[str],
 ) -> list[dict[str, np.ndarray]]:
     """Return every update minus the reference, in float64."""
-    base = {name: np.asarray(reference[name], dtype=np.float64) for name in names}
-    return [
-        {name: np.asarray(update[name], dtype=np.float64) - base[name] for name in names}
-        for update in updates
-    ]
+    base = _float64_tensors(reference, names)
+    return [_delta(update, base, names) for update in updates]
+
+
+def _clip_factor(delta: Mapping[str, np.ndarray], max_norm: float) -> float:
+    """Return the factor 1 / max(1, ||delta||_2 / max_norm), with the norm over all tensors."""
+    norm = math.sqrt(sum(float(np.sum(np.square(tensor))) for tensor in delta.values()))
+    return max_norm / norm if norm > max_norm else 1.0
 
 
 def _clip_deltas(deltas: list[dict[str, np.ndarray]], max_norm: float) -> None:
     """Scale each delta in place by 1 / max(1, ||delta||_2 / max_norm)."""
     for delta in deltas:
-        norm = math.sqrt(sum(float(np.sum(np.square(tensor))) for tensor in delta.values()))
-        if norm > max_norm:
-            factor = max_norm / norm
+        factor = _clip_factor(delta, max_norm)
+        if factor != 1.0:
             for name in delta:
                 delta[name] *= factor
+
+
+def _clip_factors(
+    updates: Sequence[Mapping[str, np.ndarray]],
+    base: Mapping[str, np.ndarray],
+    names: Sequence[str],
+    max_norm: float,
+) -> list[float]:
+    """Return the norm-bounding factor of every update's delta, one delta in memory at a time."""
+    return [_clip_factor(_delta(update, base, names), max_norm) for update in updates]
+
+
+def _weighted_sum(
+    updates: Sequence[Mapping[str, np.ndarray]],
+    normalized: np.ndarray,
+    names: Sequence[str],
+    base: Mapping[str, np.ndarray] | None = None,
+    norm_bound: float | None = None,
+) -> dict[str, np.ndarray]:
+    """Sum ``normalized[i] * update_i`` in float64, one update at a time.
+
+    With ``base`` (float64), each term is the delta ``update_i - base``, norm-bounded first
+    when ``norm_bound`` is set. Only the running sum and one update's deltas are in
+    memory, so time grows linearly with the number of updates and memory stays constant.
+    The sum runs in update order, so it can differ from a BLAS contraction over the
+    stacked updates by float64 rounding, which can move a float32 result by one unit in
+    the last place.
+    """
+    total = {name: np.zeros(np.shape(updates[0][name]), dtype=np.float64) for name in names}
+    for weight, update in zip(normalized, updates):
+        if base is None:
+            delta = {name: np.array(update[name], dtype=np.float64) for name in names}
+        else:
+            delta = _delta(update, base, names)
+            if norm_bound is not None:
+                _clip_deltas([delta], norm_bound)
+        for name in names:
+            delta[name] *= weight
+            total[name] += delta[name]
+    return total
 
 
 def _check_max_norm(max_norm: float, argument: str) -> None:
@@ -168,9 +242,12 @@ def _trim_count(beta: float, num_updates: int) -> int:
 
 
 def _trimmed_mean_of_stack(stacked: np.ndarray, trimmed: int) -> np.ndarray:
-    """Average axis 0 of (n, *shape) after dropping the ``trimmed`` extremes at each end."""
-    ordered = np.sort(stacked, axis=0)  # sorted per coordinate
-    return ordered[trimmed : stacked.shape[0] - trimmed].mean(axis=0)
+    """Average axis 0 of (n, *shape) after dropping the ``trimmed`` extremes at each end.
+
+    Sorts ``stacked`` in place, per coordinate.
+    """
+    stacked.sort(axis=0)
+    return stacked[trimmed : stacked.shape[0] - trimmed].mean(axis=0)
 
 
 # ---------------------------------------------------------------------------
@@ -187,11 +264,8 @@ def weighted_mean(
     """
     names = _check_updates(updates)
     normalized = _normalized_weights(weights, len(updates))
-    return {
-        # (n,) contracted with (n, *shape) -> shape
-        name: np.tensordot(normalized, _stack(updates, name), axes=1).astype(np.float32)
-        for name in names
-    }
+    total = _weighted_sum(updates, normalized, names)
+    return {name: total[name].astype(np.float32) for name in names}
 
 
 def coordinate_median(updates: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -202,7 +276,10 @@ def coordinate_median(updates: Sequence[Mapping[str, np.ndarray]]) -> dict[str, 
     arbitrary.
     """
     names = _check_updates(updates)
-    return {name: np.median(_stack(updates, name), axis=0).astype(np.float32) for name in names}
+    return {
+        name: np.median(_stack(updates, name), axis=0, overwrite_input=True).astype(np.float32)
+        for name in names
+    }
 
 
 def trimmed_mean(
@@ -321,20 +398,23 @@ def aggregate(
             stacklevel=2,
         )
 
-    # Norm bounding on the deltas, before the aggregation rule.
-    deltas = _deltas(updates, reference, names)
-    if norm_bound is not None:
-        _clip_deltas(deltas, norm_bound)
-
-    # Aggregation rule on the deltas, then shift back to the reference.
+    # The rule runs on the deltas (with norm bounding first), then shifts back to the
+    # reference. The mean streams over the updates. The median and trimmed mean need
+    # every update's value of a coordinate, so they stack one tensor at a time.
+    base = _float64_tensors(reference, names)
     if method == "mean":
-        combined = {name: np.tensordot(normalized, _stack(deltas, name), axes=1) for name in names}
-    elif method == "median":
-        combined = {name: np.median(_stack(deltas, name), axis=0) for name in names}
+        combined = _weighted_sum(updates, normalized, names, base, norm_bound)
     else:
-        trimmed = _trim_count(trim_fraction, len(updates))
-        combined = {name: _trimmed_mean_of_stack(_stack(deltas, name), trimmed) for name in names}
-    return {
-        name: (np.asarray(reference[name], dtype=np.float64) + combined[name]).astype(np.float32)
-        for name in names
-    }
+        trimmed = _trim_count(trim_fraction, len(updates)) if method == "trimmed-mean" else 0
+        factors = None
+        if norm_bound is not None:
+            factors = _clip_factors(updates, base, names, norm_bound)
+        combined = {}
+        for name in names:
+            stacked = _stack(updates, name, base, factors)
+            if method == "median":
+                combined[name] = np.median(stacked, axis=0, overwrite_input=True)
+            else:
+                combined[name] = _trimmed_mean_of_stack(stacked, trimmed)
+            del stacked  # so that the next tensor's stack does not coexist with this one
+    return {name: (base[name] + combined[name]).astype(np.float32) for name in names}

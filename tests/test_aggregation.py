@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.adapter import BFLOAT16, payload_bytes
+from common.adapter import BFLOAT16, from_wire, payload_bytes, to_wire
 from common.config import RunConfig
 from server.aggregation import ClientUpdate, GlobalAdapter, MixedRankAdapter, build_global_adapter
+from server.robust import aggregate
 
 KEY = "base_model.model.enc.layer.{layer}.{module}.lora_{matrix}.default.weight"
 MODULES = [(0, "query", 6, 5), (1, "value", 4, 7)]  # (layer, module, in_features, out_features)
@@ -239,6 +240,32 @@ def test_bfloat16_wire_keeps_float32_state():
         assert strategy.state[key].dtype == np.float32
         step = (sent[key] + 0.01).astype(BFLOAT16).astype(np.float64) - sent[key]
         np.testing.assert_allclose(strategy.state[key], initial[key] + step, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("wire_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("robust", ["none", "median"])
+def test_wire_updates_aggregate_like_float32_copies(wire_dtype, robust):
+    initial = adapter(2, seed=0)
+    strategy = GlobalAdapter(initial, run_config(**{"wire-dtype": wire_dtype, "robust": robust}))
+    sent = strategy.sent_adapter(2)
+    updates = [
+        ClientUpdate(update.client_id, to_wire(update.arrays, wire_dtype), update.num_examples, 2)
+        for update in honest_updates(sent, count=5)
+    ]
+    # The same rule over float32 copies of the received tensors, as from_wire makes them.
+    expected = aggregate(
+        [from_wire(update.arrays) for update in updates],
+        [update.num_examples if robust == "none" else 1.0 for update in updates],
+        sent,
+        method="mean" if robust == "none" else "median",
+    )
+    outcome = strategy.aggregate(updates, min_updates=5)
+    assert outcome.applied
+    for key in initial:
+        # FedAvg adds the aggregate's step from the sent adapter to the float32 state.
+        step = expected[key].astype(np.float64) - sent[key].astype(np.float64)
+        state = (initial[key].astype(np.float64) + step).astype(np.float32)
+        np.testing.assert_array_equal(strategy.state[key], state)
 
 
 def test_float32_reply_rejected_on_bfloat16_wire():

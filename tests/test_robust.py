@@ -238,3 +238,103 @@ def test_aggregate_rejects_bad_arguments():
         aggregate(FIVE, [1] * 5, reference, method="mean", norm_bound=0)
     with pytest.raises(ValueError, match="reference has different tensor names"):
         aggregate(FIVE, [1] * 5, {"v": np.zeros(4)}, method="mean")
+
+
+# ---------------------------------------------------------------------------
+# Streaming and per-tensor evaluation against the stacked formulas
+# ---------------------------------------------------------------------------
+
+
+def many_updates(count: int, seed: int = 0) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """``count`` updates of three tensors (one 0-d) around a shared reference."""
+    rng = np.random.default_rng(seed)
+    reference = {
+        "a": rng.standard_normal((6, 5)).astype(np.float32),
+        "b": rng.standard_normal(7).astype(np.float32),
+        "s": np.float32(rng.standard_normal()) * np.ones((), np.float32),
+    }
+    updates = []
+    for index in range(count):
+        scale = 0.01 * (1 + 9 * (index % 5 == 0))  # every fifth client moves further
+        updates.append(
+            {
+                name: (value + scale * rng.standard_normal(value.shape)).astype(np.float32)
+                for name, value in reference.items()
+            }
+        )
+    return updates, reference
+
+
+def stacked_deltas(updates, reference, name, norm_bound=None) -> np.ndarray:
+    """Stack every update's float64 delta for ``name`` after optional norm bounding."""
+    deltas = []
+    for update in updates:
+        delta = {
+            key: update[key].astype(np.float64) - reference[key].astype(np.float64)
+            for key in reference
+        }
+        if norm_bound is not None:
+            norm = math.sqrt(sum(float(np.sum(np.square(value))) for value in delta.values()))
+            if norm > norm_bound:
+                delta = {key: value * (norm_bound / norm) for key, value in delta.items()}
+        deltas.append(delta[name])
+    return np.stack(deltas)
+
+
+@pytest.mark.parametrize("norm_bound", [None, 0.05])
+def test_streaming_mean_matches_stacked_mean(norm_bound):
+    updates, reference = many_updates(60)
+    weights = np.random.default_rng(1).uniform(1, 50, len(updates))
+    normalized = weights / weights.sum()
+    result = aggregate(updates, weights, reference, method="mean", norm_bound=norm_bound)
+    for name in reference:
+        combined = np.tensordot(normalized, stacked_deltas(updates, reference, name, norm_bound), 1)
+        expected = (reference[name].astype(np.float64) + combined).astype(np.float32)
+        # The sums differ only in float64 rounding, at most one float32 step after the cast.
+        np.testing.assert_array_max_ulp(result[name], expected, maxulp=1)
+        assert result[name].dtype == np.float32
+        assert result[name].shape == reference[name].shape
+
+
+def test_streaming_weighted_mean_matches_stacked():
+    updates, _ = many_updates(60)
+    weights = np.arange(1, 61, dtype=np.float64)
+    result = weighted_mean(updates, weights)
+    for name in updates[0]:
+        stacked = np.stack([update[name].astype(np.float64) for update in updates])
+        expected = np.tensordot(weights / weights.sum(), stacked, 1).astype(np.float32)
+        np.testing.assert_array_max_ulp(result[name], expected, maxulp=1)
+
+
+@pytest.mark.parametrize("norm_bound", [None, 0.05])
+def test_per_tensor_robust_rules_match_stacked(norm_bound):
+    updates, reference = many_updates(21)
+    ones = [1.0] * len(updates)
+    median = aggregate(updates, ones, reference, method="median", norm_bound=norm_bound)
+    trimmed = aggregate(
+        updates, ones, reference, method="trimmed-mean", trim_fraction=0.2, norm_bound=norm_bound
+    )
+    for name in reference:
+        stacked = stacked_deltas(updates, reference, name, norm_bound)
+        base = reference[name].astype(np.float64)
+        expected_median = (base + np.median(stacked, axis=0)).astype(np.float32)
+        middle = np.sort(stacked, axis=0)[4:17]  # floor(0.2 * 21) = 4 dropped at each end
+        expected_trimmed = (base + middle.mean(axis=0)).astype(np.float32)
+        np.testing.assert_array_equal(median[name], expected_median)
+        np.testing.assert_array_equal(trimmed[name], expected_trimmed)
+
+
+@pytest.mark.parametrize("method", ["mean", "median", "trimmed-mean"])
+def test_aggregate_leaves_inputs_unchanged(method):
+    updates, reference = many_updates(12)
+    before = [{name: value.copy() for name, value in update.items()} for update in updates]
+    reference_before = {name: value.copy() for name, value in reference.items()}
+    aggregate(updates, [1.0] * 12, reference, method=method, trim_fraction=0.2, norm_bound=0.05)
+    coordinate_median(updates)
+    trimmed_mean(updates, beta=0.2)
+    weighted_mean(updates, [1.0] * 12)
+    for update, copy in zip(updates, before):
+        for name in copy:
+            np.testing.assert_array_equal(update[name], copy[name])
+    for name, value in reference_before.items():
+        np.testing.assert_array_equal(reference[name], value)
