@@ -225,13 +225,25 @@ def backward_batch(
     return per_sample
 
 
-def make_optimizer(params: Sequence[nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
-    """The local optimizer that ``train.optimizer`` names."""
+def make_optimizer(
+    named_params: Sequence[tuple[str, nn.Parameter]], train: TrainConfig
+) -> torch.optim.Optimizer:
+    """The local optimizer that ``train.optimizer`` names.
+
+    The trained head transform (PEFT ``modules_to_save``) gets ``train.head_learning_rate``
+    when it is set; every other tensor gets ``train.learning_rate``.
+    """
+    head_rate = train.head_learning_rate or train.learning_rate
+    head = [p for name, p in named_params if "modules_to_save" in name]
+    rest = [p for name, p in named_params if "modules_to_save" not in name]
+    groups = [{"params": rest}]
+    if head:
+        groups.append({"params": head, "lr": head_rate})
     if train.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=train.learning_rate, momentum=train.momentum, weight_decay=train.weight_decay
+            groups, lr=train.learning_rate, momentum=train.momentum, weight_decay=train.weight_decay
         )
-    return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(groups, lr=train.learning_rate, weight_decay=train.weight_decay)
 
 
 def train_local(
@@ -272,9 +284,10 @@ def train_local(
     generator = torch.Generator().manual_seed(seed)
     loss_module = PerSampleCausalLoss(model).to(device)
     loss_module.train()
-    params = [p for p in loss_module.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in loss_module.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     proximal = ProximalTerm(params, mu=proximal_mu) if proximal_mu > 0 else None
-    optimizer = make_optimizer(params, train)
+    optimizer = make_optimizer(named, train)
     loader = DataLoader(
         dataset,
         batch_size=min(train.batch_size, num_examples),

@@ -182,6 +182,10 @@ class TrainConfig:
     moves each coordinate by the noisy gradient itself, while AdamW rescales every
     coordinate to a step of about ``learning_rate`` whatever its signal-to-noise ratio, so
     the noise-dominated coordinates random-walk.
+
+    ``head_learning_rate`` (0: ``learning_rate``) applies to the trained LM head transform
+    (``model.train-head``). Its full 384 x 384 matrix multiplies every output, so under
+    DP-SGD it tolerates far less noise per coordinate than the low-rank LoRA factors.
     """
 
     local_epochs: float = 0.5
@@ -190,6 +194,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: str = "adamw"
     momentum: float = 0.0
+    head_learning_rate: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.local_epochs > 0, "train.local-epochs", self.local_epochs, "a number > 0")
@@ -200,6 +205,12 @@ class TrainConfig:
             self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, " or ".join(OPTIMIZERS)
         )
         _require(0 <= self.momentum < 1, "train.momentum", self.momentum, "0 <= momentum < 1")
+        _require(
+            self.head_learning_rate >= 0,
+            "train.head-learning-rate",
+            self.head_learning_rate,
+            "a number >= 0 (0: train.learning-rate)",
+        )
 
 
 @dataclass(frozen=True)
