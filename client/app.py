@@ -1,4 +1,9 @@
-"""Flower ClientApp: DP-SGD training of the LoRA adapter on one advertiser's records."""
+"""Flower ClientApp: DP-SGD training of the LoRA adapter on one advertiser's records.
+
+For robustness tests and benchmarks, ``data.attack-client`` turns one simulated client
+hostile: it trains as usual, then replies with its update scaled by ``data.attack-scale``
+(:func:`attack_update`). The setting is off by default and logs a WARNING each round it acts.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -24,7 +30,9 @@ from client.runtime import (
 from client.secagg import TrainRound
 from client.train import evaluate_loss, sample_rate_for, steps_per_round, train_local
 from common.adapter import (
+    Arrays,
     arrays_to_record,
+    from_wire,
     frozen_lora_digest,
     get_adapter_arrays,
     record_to_arrays,
@@ -168,6 +176,40 @@ def ledger_path(cfg: RunConfig, context: Context, client_id: str) -> Path:
     return Path(str(folder)) / f"{client_id}.json"
 
 
+def attack_scale_for(cfg: RunConfig, context: Context) -> float | None:
+    """Return the factor this client scales its update by, or None for an honest client.
+
+    Only the simulated client whose ``partition-id`` equals ``data.attack-client`` is
+    hostile. A node without a partition id raises ValueError while the attack is on,
+    because the setting exists for simulations only.
+    """
+    attack_client = cfg.data.attack_client
+    if attack_client < 0:
+        return None
+    node_config = context.node_config
+    if "partition-id" not in node_config:
+        raise ValueError(
+            f"data.attack-client = {attack_client} picks a hostile simulated client by "
+            "partition-id, and this node has none: set data.attack-client = -1 outside "
+            "simulations"
+        )
+    if int(node_config["partition-id"]) != attack_client:
+        return None
+    return cfg.data.attack_scale
+
+
+def attack_update(sent: Arrays, trained: Arrays, *, scale: float) -> Arrays:
+    """Return ``sent + scale * (trained - sent)``, the reply of a client that scales its update.
+
+    ``sent`` is the adapter the server sent (float32), ``trained`` the adapter after local
+    training. With a large ``scale``, this one update outweighs all honest ones in a mean.
+    """
+    return {
+        name: (sent[name] + np.float32(scale) * (value - sent[name])).astype(np.float32)
+        for name, value in trained.items()
+    }
+
+
 def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Train one round and reply with the update, or decline if it would pass the budget."""
     outcome = train_round(msg, context, cfg)
@@ -199,7 +241,9 @@ def train_round(msg: Message, context: Context, cfg: RunConfig) -> TrainOutcome:
     examples, pad_token_id = load_client_examples(cfg, context)
     model = load_model(rank_config(cfg, rank))
     _check_frozen_lora(model, config)
-    set_adapter_arrays(model, record_to_arrays(msg.content.array_records["arrays"]))
+    received = record_to_arrays(msg.content.array_records["arrays"])
+    set_adapter_arrays(model, received)
+    hostile_scale = attack_scale_for(cfg, context)
 
     num_examples = len(examples)
     steps = steps_per_round(num_examples, cfg.train.batch_size, cfg.train.local_epochs)
@@ -262,7 +306,17 @@ def train_round(msg: Message, context: Context, cfg: RunConfig) -> TrainOutcome:
         "secure-mode": int(result.secure_mode),
         **pii_metrics(cfg, context),
     }
-    release = Release(server_round, request_digest(msg), get_adapter_arrays(model), metrics)
+    trained = get_adapter_arrays(model)
+    if hostile_scale is not None:
+        logger.warning(
+            "train: client %s is hostile (data.attack-client, a test setting): it replies "
+            "with its round %s update scaled by %g",
+            client_id,
+            server_round,
+            hostile_scale,
+        )
+        trained = attack_update(from_wire(received), trained, scale=hostile_scale)
+    release = Release(server_round, request_digest(msg), trained, metrics)
     if ledger is not None:
         ledger.record_round(
             server_round, PrivacyEvent(noise_multiplier, result.sample_rate, result.steps)

@@ -119,6 +119,13 @@ class DataConfig:
 
     ``canary_repeats > 0`` plants ``canary_secret`` as the text of that many extra records
     in partition ``canary_client``, for a memorisation audit (``fedads audit``).
+
+    ``attack_client >= 0`` makes the simulated client of that partition id hostile, for
+    robustness tests and benchmarks (``python -m simulations.benchmark --only attack``):
+    after training it replies ``sent + attack_scale * (trained - sent)``, its update
+    scaled by ``attack_scale``, instead of ``trained`` (:func:`client.app.attack_update`).
+    Under secure aggregation the client still clips the scaled update like an honest one.
+    The default -1 turns the attack off. It is a test tool, not a deployment setting.
     """
 
     data_dir: str = "data"
@@ -137,6 +144,8 @@ class DataConfig:
     canary_client: int = 0
     canary_repeats: int = 0
     canary_secret: str = ""
+    attack_client: int = -1
+    attack_scale: float = 100.0
 
     def __post_init__(self) -> None:
         _require(self.dataset in ("e2e", "records"), "data.dataset", self.dataset, "e2e or records")
@@ -171,6 +180,19 @@ class DataConfig:
             "data.canary-secret",
             self.canary_secret,
             "a non-empty text when data.canary-repeats > 0",
+        )
+        _require(
+            -1 <= self.attack_client < self.num_clients,
+            "data.attack-client",
+            self.attack_client,
+            f"-1 (no hostile client) or a partition id from 0 to {self.num_clients - 1} "
+            "(data.num-clients - 1)",
+        )
+        _require(
+            math.isfinite(self.attack_scale),
+            "data.attack-scale",
+            self.attack_scale,
+            "a finite number (the factor the hostile client multiplies its update by, e.g. 100)",
         )
 
 

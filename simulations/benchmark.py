@@ -1,15 +1,27 @@
-"""Utility and cost benchmarks: centralized vs federated, DP vs non-DP, side by side.
+"""Utility and cost benchmarks: setups side by side on the same held-out split.
 
-Run ``python -m simulations.benchmark --data-dir DIR --output runs/bench``. It trains, on
-the same held-out split and with the same number of training examples seen:
+Run ``python -m simulations.benchmark --data-dir DIR --output runs/bench --only MODES``.
+Every federated row runs ``fedads simulate`` on the base config (``--config``, default
+``simulations/configs/main.toml``) with the row's overrides, and is scored on the run's
+held-out sources (BLEU, ROUGE-L, slot error rate). The modes:
 
-- centralized non-private training on the pooled client records,
-- federated training without DP,
-- federated training with DP at each ``--epsilons`` value,
+- ``central``: centralized non-private training on the pooled client records, for as many
+  training examples as the federated runs see;
+- ``nodp`` and ``dp``: federated training without DP, and with record-level DP at each
+  ``--epsilons`` value;
+- ``strategies``: record-level DP with FedAvg, FedProx, FedAdam, FFA-LoRA and mixed LoRA
+  ranks (``--strategies`` picks a subset);
+- ``attack``: a clean run, and runs in which one client scales its update
+  (``data.attack-client``) without and with a robust rule (``--attack-defense``);
+- ``units``: advertiser-level DP against record-level DP at the same ε;
+- ``exposure``: ``fedads audit`` per ε, the canary exposure of a DP run and its control;
+- ``cost``: the DP step time over the non-DP step time and the adapter bytes per client
+  per round over the base model's bytes, measured in this process.
 
-scores each on the held-out sources (BLEU, ROUGE-L, slot error rate), and measures in the
-same process the DP step time over the non-DP step time and the adapter bytes per client
-per round over the base model's bytes. Results go to ``benchmark.json`` and a Markdown table.
+``--num-rounds``, ``--num-clients``, ``--max-examples-per-client`` and ``--eval-limit``
+shrink every row for a quick run; ``benchmark.json`` records them, and a results file of
+another setup is never extended. Results go to ``benchmark.json`` after every row and to a
+Markdown table whose last column is each row's config diff against the base config.
 
 ``--only aggregation`` times the server's aggregation against the number of clients
 instead, with the payload ratios of every wire format and the largest client's local round
@@ -23,16 +35,17 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from client.train import steps_per_round, train_local
 from common.adapter import get_adapter_arrays, payload_bytes, save_adapter
-from common.config import RunConfig
+from common.cli import MAIN_CONFIG
+from common.config import ConfigError, RunConfig
 from common.inference import evaluate_run
 from common.model import base_model_bytes, build_lora_model, load_tokenizer
 from common.text import encode_records
@@ -42,6 +55,17 @@ from simulations.aggregation_cost import (
     time_aggregation,
     time_client_round,
 )
+from simulations.benchmark_rows import (
+    DEFENSES,
+    MODES,
+    STRATEGY_KEYS,
+    apply_overrides,
+    build_rows,
+    describe_base,
+    scale_overrides,
+)
+from simulations.benchmark_runs import audit_entries, run_row
+from simulations.benchmark_table import attack_summary, format_table
 from simulations.dataset import federated_data
 from simulations.run import HELDOUT_FILE, prepare_run, write_heldout
 
@@ -60,17 +84,6 @@ def examples_seen(cfg: RunConfig) -> int:
         steps = steps_per_round(n, cfg.train.batch_size, cfg.train.local_epochs)
         total += steps * min(cfg.train.batch_size, n)
     return round(total * cfg.server.num_rounds * cfg.server.fraction_train)
-
-
-def run_federated(cfg: RunConfig, output: Path, *, dp: bool, epsilon: float) -> Path:
-    """Run ``fedads simulate`` in a subprocess, so every run starts a fresh Flower runtime."""
-    run_cfg = cfg.replace(privacy={"dp": dp, "target_epsilon": epsilon}, output=str(output))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    config_path = output.parent / f"{output.name}.toml"
-    config_path.write_text(run_cfg.to_toml(), encoding="utf-8")
-    command = [sys.executable, "-m", "common.cli", "simulate", "--config", str(config_path)]
-    subprocess.run(command, check=True)
-    return output
 
 
 def run_centralized(cfg: RunConfig, output: Path, *, num_examples: int) -> Path:
@@ -142,17 +155,25 @@ def payload_ratio(cfg: RunConfig) -> dict[str, float]:
     return {"adapter_bytes": adapter, "base_bytes": base, "ratio": adapter / base}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, help="base run config (default: built-in)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=MAIN_CONFIG,
+        help="base run config of every row (default: simulations/configs/main.toml)",
+    )
     parser.add_argument("--data-dir", required=True, help="folder holding e2e/devset.csv")
     parser.add_argument("--output", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--epsilons", default="8,3", help="comma-separated DP targets")
+    parser.add_argument(
+        "--epsilons",
+        help="comma-separated record-level DP targets ε (default: 8,3 for dp and exposure, "
+        "8 for strategies, attack and units)",
+    )
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated subset: central,nodp,dp,cost,aggregation "
-        "(default: all but aggregation)",
+        help=f"comma-separated subset of {','.join(MODES)} (default: central,nodp,dp,cost)",
     )
     parser.add_argument(
         "--repeats",
@@ -161,16 +182,130 @@ def main(argv: list[str] | None = None) -> int:
         help="interleaved repetitions of each aggregation timing, reported as the median "
         "(default: 5; the client round uses at most 3)",
     )
+    parser.add_argument(
+        "--strategies",
+        default="",
+        help=f"comma-separated rows of --only strategies, a subset of {','.join(STRATEGY_KEYS)} "
+        "(default: all). ffa-lora and mixed-ranks flip model.ffa-lora and "
+        "model.client-ranks relative to the base config",
+    )
+    attack = parser.add_argument_group("attack mode")
+    attack.add_argument(
+        "--attack-client",
+        type=int,
+        default=0,
+        help="partition id of the hostile client (default: 0)",
+    )
+    attack.add_argument(
+        "--attack-scale",
+        type=float,
+        default=100.0,
+        help="factor the hostile client multiplies its update by (default: 100)",
+    )
+    attack.add_argument(
+        "--attack-defense",
+        choices=DEFENSES,
+        default="median",
+        help="server rule of the protected row: server.robust = median or trimmed-mean, or "
+        "server.norm-bound = --attack-norm-bound (default: median)",
+    )
+    attack.add_argument(
+        "--attack-norm-bound",
+        type=float,
+        default=0.0,
+        help="L2 norm each update is scaled down to with --attack-defense norm-bound",
+    )
+    parser.add_argument(
+        "--audit-candidates",
+        type=int,
+        default=10_000,
+        help="random codes each canary is ranked against in --only exposure; the exposure is "
+        "at most log2 of this (default: 10000)",
+    )
+    scale = parser.add_argument_group(
+        "scale", "reduced setups, applied to every row and recorded in benchmark.json"
+    )
+    scale.add_argument("--num-rounds", type=int, help="server.num-rounds of every run")
+    scale.add_argument("--num-clients", type=int, help="data.num-clients of every run")
+    scale.add_argument(
+        "--max-examples-per-client", type=int, help="data.max-examples-per-client of every run"
+    )
+    scale.add_argument(
+        "--eval-limit",
+        type=int,
+        default=0,
+        help="held-out sources scored per run (default: 0, all of them)",
+    )
+    return parser
+
+
+def _check_setup(results: dict[str, Any], setup: dict[str, Any], path: Path) -> None:
+    """Raise ConfigError when ``path`` contains results of another base config or scale."""
+    stored = results.get("setup")
+    if stored is None and results.get("utility"):
+        # Files without a setup record come from full-scale runs of the built-in modes.
+        stored = {**setup, "scale": {}, "eval_limit": 0}
+    if stored is not None and stored != setup:
+        raise ConfigError(
+            f"{path} contains results of another setup ({stored}), not {setup}: pass the "
+            "same --config and scale flags, or a new --output folder"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(0)
-
-    cfg = RunConfig.from_toml(args.config) if args.config else RunConfig()
-    cfg = cfg.replace(data={"data_dir": str(Path(args.data_dir).resolve())})
     only = set(filter(None, args.only.split(","))) or {"central", "nodp", "dp", "cost"}
+    if only - set(MODES):
+        parser.error(f"invalid --only {args.only!r}: expected a subset of {','.join(MODES)}")
+    if args.eval_limit < 0:
+        parser.error(f"invalid --eval-limit {args.eval_limit}: expected >= 0 (0: all sources)")
+
+    try:
+        base = RunConfig.from_toml(args.config)
+        scale = scale_overrides(
+            num_rounds=args.num_rounds,
+            num_clients=args.num_clients,
+            max_examples_per_client=args.max_examples_per_client,
+        )
+        cfg = apply_overrides(base, {**scale, "data.data-dir": str(Path(args.data_dir).resolve())})
+        rows = build_rows(
+            only,
+            cfg,
+            epsilons=args.epsilons,
+            strategies=args.strategies,
+            attack_client=args.attack_client,
+            attack_scale=args.attack_scale,
+            attack_defense=args.attack_defense,
+            attack_norm_bound=args.attack_norm_bound,
+        )
+    except ConfigError as err:
+        parser.error(str(err))
+    setup = {
+        "config": str(args.config.resolve()),
+        "scale": scale,
+        "eval_limit": args.eval_limit,
+    }
+    if scale or args.eval_limit:
+        logger.warning(
+            "benchmark: reduced setup %s, eval limit %s: results do not stand for the full config",
+            scale,
+            args.eval_limit or "none",
+        )
     results_path = args.output / "benchmark.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    try:
+        _check_setup(results, setup, results_path)
+    except ConfigError as err:
+        parser.error(str(err))
+    results["setup"] = setup
+    results["base"] = describe_base(cfg)
     args.output.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=2, ensure_ascii=False), "utf-8")
 
     if "aggregation" in only:
         results["aggregation_s"] = time_aggregation(cfg, repeats=args.repeats)
@@ -178,61 +313,42 @@ def main(argv: list[str] | None = None) -> int:
         results["client_round"] = time_client_round(cfg, repeats=min(args.repeats, 3))
         only.discard("aggregation")
         if not only:
-            results_path.write_text(json.dumps(results, indent=2), encoding="utf-8")
+            save()
             print(format_aggregation(results))
             return 0
 
-    seen = examples_seen(cfg)
-    results["examples_seen"] = seen
-    runs: dict[str, Path] = {}
     if "central" in only:
-        runs["centralized, no DP"] = run_centralized(
-            cfg, args.output / "centralized", num_examples=seen
-        )
-    if "nodp" in only:
-        runs["federated, no DP"] = run_federated(cfg, args.output / "fed-nodp", dp=False, epsilon=8)
-    if "dp" in only:
-        for epsilon in (float(e) for e in args.epsilons.split(",")):
-            runs[f"federated, DP ε={epsilon:g}"] = run_federated(
-                cfg, args.output / f"fed-dp-eps{epsilon:g}", dp=True, epsilon=epsilon
+        seen = examples_seen(cfg)
+        results["examples_seen"] = seen
+        run_dir = run_centralized(cfg, args.output / "centralized", num_examples=seen)
+        scores = evaluate_run(run_dir, run_dir / HELDOUT_FILE, limit=args.eval_limit or None)
+        results.setdefault("utility", {})["centralized, no DP"] = {
+            **scores,
+            "mode": "central",
+            "config_diff": {"privacy.dp": False},
+            "run_dir": str(run_dir),
+        }
+        save()
+    for row in rows:
+        if row.mode == "exposure":
+            results.setdefault("exposure", {}).update(
+                audit_entries(row, cfg, args.output, candidates=args.audit_candidates)
             )
-    for name, run_dir in runs.items():
-        scores = evaluate_run(run_dir, run_dir / HELDOUT_FILE)
-        results.setdefault("utility", {})[name] = scores
-        logger.info(
-            "benchmark: %s: BLEU %.2f ROUGE-L %.2f", name, scores["bleu"], scores["rouge_l"]
-        )
+        else:
+            results.setdefault("utility", {})[row.name] = run_row(
+                row, cfg, args.output, eval_limit=args.eval_limit
+            )
+        if row.mode == "attack":
+            results["attack"] = attack_summary(results["utility"])
+        save()
     if "cost" in only:
         results["step_time"] = time_steps(cfg)
         results["payload"] = payload_ratio(cfg)
-    results_path.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    save()
     print(format_table(results))
     if "aggregation_s" in results:
         print(format_aggregation(results))
     return 0
-
-
-def format_table(results: dict) -> str:
-    lines = ["| setup | BLEU | ROUGE-L | slot error rate |", "|---|---|---|---|"]
-    for name, scores in results.get("utility", {}).items():
-        ser = scores["slot_error_rate"]
-        lines.append(
-            f"| {name} | {scores['bleu']:.2f} | {scores['rouge_l']:.2f} | "
-            f"{'n/a' if ser is None else f'{ser:.3f}'} |"
-        )
-    if "step_time" in results:
-        st = results["step_time"]
-        lines.append(
-            f"\nDP step / non-DP step: {st['dp_over_non_dp']:.3f} "
-            f"({st['dp_step_s']:.3f} s / {st['non_dp_step_s']:.3f} s)"
-        )
-    if "payload" in results:
-        pl = results["payload"]
-        lines.append(
-            f"Adapter bytes per client per round / base model bytes: {pl['ratio']:.4f} "
-            f"({pl['adapter_bytes']} / {pl['base_bytes']})"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
