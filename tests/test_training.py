@@ -203,3 +203,19 @@ def test_unknown_optimizer_is_rejected():
 
     with pytest.raises(ConfigError, match="train.optimizer"):
         TrainConfig(optimizer="lamb")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_head_transform_gets_its_own_learning_rate(optimizer):
+    from client.train import make_optimizer
+
+    head = torch.nn.Parameter(torch.zeros(3))
+    lora = torch.nn.Parameter(torch.zeros(3))
+    named = [("cls.transform.modules_to_save.default.dense.weight", head), ("q.lora_B.w", lora)]
+    built = make_optimizer(
+        named, TrainConfig(learning_rate=2.0, head_learning_rate=0.05, optimizer=optimizer)
+    )
+    rates = {id(p): group["lr"] for group in built.param_groups for p in group["params"]}
+    assert rates == {id(lora): 2.0, id(head): 0.05}
+    same = make_optimizer(named, TrainConfig(learning_rate=2.0, optimizer=optimizer))
+    assert {group["lr"] for group in same.param_groups} == {2.0}
