@@ -1,7 +1,7 @@
 """A client's part of advertiser-level DP under secure aggregation (distributed DP).
 
 With ``advertiser-dp.enabled`` and ``server.secure-aggregation`` both on, the server never
-sees one update, so each client does what the central mode's server would do to it
+receives one update in the clear, so each client does what the central mode's server would do to it
 (:mod:`server.central_dp`, "Distributed mode"):
 
 1. clip the whole update delta to the round's clipping norm ``C``, which the server sends

@@ -228,7 +228,7 @@ def backward_batch(
 def make_optimizer(
     named_params: Sequence[tuple[str, nn.Parameter]], train: TrainConfig
 ) -> torch.optim.Optimizer:
-    """The local optimizer that ``train.optimizer`` names.
+    """Build the local optimizer that ``train.optimizer`` names.
 
     The trained head transform (PEFT ``modules_to_save``) gets ``train.head_learning_rate``
     when it is set; every other tensor gets ``train.learning_rate``.

@@ -355,7 +355,7 @@ class AdvertiserDPConfig:
     (:mod:`server.central_dp`, "Distributed mode"): each client clips its update to the
     round's ``C``, sends it with weight 1 and adds its own share of the noise before
     masking, and the server adds none. ``server.max-update-norm`` must then be 0, because
-    the server cannot reject an update it never sees.
+    the server cannot reject an update it never receives in the clear.
     """
 
     enabled: bool = False

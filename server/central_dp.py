@@ -39,8 +39,8 @@ the wrappers are not used, but these helpers of ``flwr.supercore.differential_pr
 are: ``get_norm`` (L2 norm over all tensors), ``compute_stdv`` (``z * C / m``) and
 ``compute_adaptive_noise_params`` (``z_Δ`` above).
 
-Distributed mode (``server.secure-aggregation`` on as well): the server never sees one
-update, so the clients clip and noise. The server sends the round's ``C`` in the train
+Distributed mode (``server.secure-aggregation`` on as well): the server never receives one
+update in the clear, so the clients clip and add the noise. The server sends the round's ``C`` in the train
 config (adaptive clipping changes it every round). Each client clips its whole update to
 ``C``, sends it with weight 1 and adds its noise share ``N(0, σ_s²)`` to every coordinate
 before masking (:mod:`client.distributed_dp`). The noise comes from the operating system's

@@ -157,7 +157,7 @@ class RoundReplies:
 
 @dataclass
 class RoundResult:
-    """What one training round did, plain or under secure aggregation, for the metrics row.
+    """Outcome of one training round, plain or under secure aggregation, for the metrics row.
 
     ``extra`` contains row entries of one mode only (e.g. the secure aggregation error bound).
     """

@@ -15,7 +15,7 @@ train-reply metrics, privacy-budget declines and checkpoints inside
 4. ``secagg_unmask``: the survivor list out, the shares that remove the masks back.
 
 The server receives public keys, ciphertexts it cannot read and masked vectors, keeps
-their running sum, and finally unmasks the sum. It never holds one client's unmasked update.
+their running sum, and finally unmasks the sum. No client's unmasked update ever reaches it.
 Training happens in stage 3, so a round that fails at key exchange costs no privacy budget.
 
 Weighting: each client masks ``w_i Δ_i`` together with ``w_i`` (:mod:`common.secagg.update`)

@@ -76,7 +76,7 @@ def write_plots(
     """Write ``loss.png``, ``bleu.png`` and ``epsilon.png`` into ``run_dir``.
 
     Returns the report's Markdown lines: an image link per plot written, or a sentence
-    saying why a plot is missing. ``epsilon_series`` holds (label, metrics key) pairs of
+    saying why a plot is missing. ``epsilon_series`` contains (label, metrics key) pairs of
     the ε curves, one per privacy unit; ``epsilon.png`` is written only when it is not
     empty, with ``target_epsilon`` as a dashed line when it is known.
     """

@@ -1,4 +1,4 @@
-"""What a client masks under secure aggregation, and how the server turns the sum into a mean.
+"""Client vectors masked under secure aggregation, and the conversion of their sum to a mean.
 
 Weighted FedAvg needs ``Σ w_i Δ_i / Σ w_i``, and the server learns only sums. So each
 client pre-multiplies its update delta ``Δ_i`` (trained adapter minus the adapter it
