@@ -63,7 +63,11 @@ def completed_rounds(run_dir: Path) -> list[int]:
 
 
 def kill_after_first_round(args: list[str], run_dir: Path) -> None:
-    """Start ``args`` in its own session and SIGKILL the session once round 1 is recorded."""
+    """Start ``args`` in its own session and SIGKILL the session once round 1 is checkpointed.
+
+    The loop appends a round's metrics line before it writes the round's checkpoint, so
+    the metrics line alone may come before there is anything to resume from.
+    """
     log = run_dir.with_name(run_dir.name + ".log")
     with log.open("w") as handle:
         proc = subprocess.Popen(
@@ -71,7 +75,8 @@ def kill_after_first_round(args: list[str], run_dir: Path) -> None:
         )
         try:
             deadline = time.monotonic() + 900
-            while 1 not in completed_rounds(run_dir):
+            checkpoint = run_dir / "checkpoint" / "state.json"
+            while 1 not in completed_rounds(run_dir) or not checkpoint.exists():
                 assert proc.poll() is None, f"simulation ended early:\n{log.read_text()[-4000:]}"
                 assert time.monotonic() < deadline, "round 1 did not finish in 900 s"
                 time.sleep(0.2)
