@@ -64,6 +64,16 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-column", help="column holding the ad text (records dataset)")
     p.add_argument("--max-chars", type=int, help="longest accepted record, in characters")
     p.add_argument("--seed", type=int, help="seed for splits, sampling and initialization")
+    p.add_argument(
+        "--warm-start-file",
+        help="public records to fine-tune the initial adapter on without DP, in the data "
+        "folder unless absolute (default: the config's warm-start.file)",
+    )
+    p.add_argument(
+        "--no-warm-start",
+        action="store_true",
+        help="start round 1 from the base model's fresh adapter, without the public warm start",
+    )
     _add_privacy_flags(p)
     _add_federation_flags(p)
 
@@ -283,6 +293,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             "accountant": args.accountant,
             "production": True if args.production else None,
             "scrub_pii": False if args.no_scrub_pii else None,
+        },
+        "warm_start": {
+            "file": "" if args.no_warm_start else args.warm_start_file,
         },
         "server": {
             "num_rounds": args.num_rounds,

@@ -435,6 +435,51 @@ class AdvertiserDPConfig:
         return self.accountant
 
 
+@dataclass(frozen=True)
+class WarmStartConfig:
+    """Non-private fine-tuning of the initial global adapter on public data, before round 1.
+
+    DP fine-tuning works when the starting model already does the task roughly and the
+    private data only adapts it (Li et al., "Large Language Models Can Be Strong
+    Differentially Private Learners", ICLR 2022). MiniLM is an encoder, not a language
+    model, so before round 1 the server trains the adapter on ``file``: records it may use
+    without protection, in the format of ``data.dataset`` and read from ``data.data-dir``
+    unless the path is absolute. AdamW at ``learning_rate``, batches of ``batch_size``,
+    ``epochs`` passes, at most ``max_examples`` records (0: all).
+
+    No advertiser record takes part, so neither DP guarantee changes; the public records
+    themselves get no protection. ``file = ""`` turns the warm start off.
+    """
+
+    file: str = ""
+    epochs: float = 1.0
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    max_examples: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, "warm-start.epochs", self.epochs, "a number > 0")
+        _require(
+            self.batch_size >= 1, "warm-start.batch-size", self.batch_size, "an integer >= 1"
+        )
+        _require(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            "warm-start.learning-rate",
+            self.learning_rate,
+            "a finite number > 0",
+        )
+        _require(
+            self.max_examples >= 0,
+            "warm-start.max-examples",
+            self.max_examples,
+            "an integer >= 0 (0: every record of warm-start.file)",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.file)
+
+
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 WEIGHTINGS = ("examples", "uniform")
 ROBUST_RULES = ("none", "median", "trimmed-mean")
@@ -635,6 +680,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     advertiser_dp: AdvertiserDPConfig = field(default_factory=AdvertiserDPConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     seed: int = 0
     output: str = ""
 
@@ -704,7 +750,8 @@ class RunConfig:
         if nested:
             raise ConfigError(
                 f"unknown config keys {sorted(nested)}: expected the tables "
-                "model, data, train, privacy, server, advertiser-dp and the keys seed, output"
+                "model, data, train, privacy, server, advertiser-dp, warm-start and the keys seed, "
+                "output"
             )
         return cls(**kwargs)
 
@@ -767,6 +814,7 @@ _SECTIONS: dict[str, type] = {
     "privacy": PrivacyConfig,
     "server": ServerConfig,
     "advertiser-dp": AdvertiserDPConfig,
+    "warm-start": WarmStartConfig,
 }
 
 

@@ -6,6 +6,7 @@ import hashlib
 import http.client
 import logging
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.parse
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 MR_COLUMN = "mr"
 REF_COLUMN = "ref"
 _CHUNK_BYTES = 1 << 16
+# A standalone "@" with the space before it, e.g. "cheap @ Indian" -> "cheap Indian".
+_EDIT_MARKER = re.compile(r"\s+@(?=\s|$)")
 
 
 @dataclass(frozen=True)
@@ -255,7 +258,9 @@ def _download_verified(
 def load_e2e(path: str | Path, *, max_chars: int | None = 2000) -> list[AdRecord]:
     """Load an E2E CSV file (columns ``mr`` and ``ref``) as AdRecords.
 
-    ``source`` is the MR and ``text`` the reference. ``fields`` contains the raw columns
+    ``source`` is the MR and ``text`` the reference, without the standalone ``@`` tokens
+    that mark edited spots in EnrichedE2E's references (no E2E text uses ``@`` as a word).
+    ``fields`` contains the raw columns
     (``mr``, ``ref`` and any others) and each parsed MR attribute, so that
     ``fields["name"]`` is the venue. Validation is the same as in ``load_records``, and a
     malformed MR raises DataValidationError with its file and line.
@@ -274,6 +279,7 @@ def load_e2e(path: str | Path, *, max_chars: int | None = 2000) -> list[AdRecord
     for line, row in rows:
         origin = format_origin(path, line)
         attributes = parse_mr(row[MR_COLUMN], origin=origin)
+        row = {**row, REF_COLUMN: _EDIT_MARKER.sub("", row[REF_COLUMN])}
         records.append(
             record_from_row(
                 row,

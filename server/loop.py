@@ -47,6 +47,8 @@ from server.nodes import (
 )
 from server.recorder import ClientPrivacy, RunRecorder
 from server.secure_round import run_secure_round
+from server.warm_start import describe as describe_warm_start
+from server.warm_start import warm_start_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +128,15 @@ def run_rounds(
     model = build_lora_model(
         dataclasses.replace(cfg.model, lora_r=cfg.model.max_rank), seed=cfg.seed
     )
+    # The warm start, when configured, leaves its adapter in the model (see warm_start).
+    warm = warm_start_adapter(cfg, model, run_dir)
     strategy = build_global_adapter(get_adapter_arrays(model), cfg)
-    recorder = RunRecorder(run_dir, cfg, advertiser_dp=strategy.advertiser_dp)
+    recorder = RunRecorder(
+        run_dir,
+        cfg,
+        advertiser_dp=strategy.advertiser_dp,
+        warm_start=None if warm is None else describe_warm_start(warm[1]),
+    )
     evaluator = None
     if evaluator_records:
         evaluator = ServerEvaluator(

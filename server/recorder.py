@@ -153,6 +153,12 @@ def not_protected(cfg: RunConfig | None = None) -> list[str]:
             "Each client sends the server the exact number of PII values it replaced, a "
             "statistic of its records that the DP guarantee does not cover."
         )
+    if cfg.warm_start.enabled:
+        items.append(
+            f"The initial adapter was fine-tuned without DP on the public records of "
+            f"{cfg.warm_start.file}: the model can repeat their text, and they get no "
+            "protection. No advertiser record took part in that step."
+        )
     if cfg.server.fraction_evaluate > 0:
         items.append(
             "Client-side evaluation losses are computed on private records without noise "
@@ -169,6 +175,7 @@ class RunRecorder:
     cfg: RunConfig
     clients: dict[str, ClientPrivacy] = field(default_factory=dict)
     advertiser_dp: AdvertiserDP | None = None
+    warm_start: dict[str, Any] | None = None  # server.warm_start.describe() of the run
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -265,6 +272,7 @@ class RunRecorder:
             "production": privacy.production,
             "secure_aggregation": server.secure_aggregation,
             "secure_aggregation_settings": self._secure_aggregation_settings(),
+            "warm_start": self.warm_start,
             "pii_scrubbing": {
                 "enabled": bool(privacy.scrub_kind_set),
                 "kinds": sorted(privacy.scrub_kind_set),

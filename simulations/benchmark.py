@@ -27,6 +27,9 @@ Markdown table whose last column is each row's config diff against the base conf
 instead, with the payload ratios of every wire format and the largest client's local round
 (:mod:`simulations.aggregation_cost`). It reads no utility results and trains no adapter to
 completion.
+
+Rows share one public warm start (``[warm-start]``), trained once and kept in
+``$FEDADS_CACHE_DIR`` (default: ``OUTPUT/cache``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -49,6 +53,7 @@ from common.config import ConfigError, RunConfig
 from common.inference import evaluate_run
 from common.model import base_model_bytes, build_lora_model, load_tokenizer
 from common.text import encode_records
+from server.warm_start import warm_start_adapter
 from simulations.aggregation_cost import (
     format_aggregation,
     payload_ratios,
@@ -87,13 +92,18 @@ def examples_seen(cfg: RunConfig) -> int:
 
 
 def run_centralized(cfg: RunConfig, output: Path, *, num_examples: int) -> Path:
-    """Train one adapter without DP on the pooled client records, for ``num_examples``."""
+    """Train one adapter without DP on the pooled client records, for ``num_examples``.
+
+    Training starts from the run's public warm start (``[warm-start]``), as federated runs do.
+    """
     cfg = prepare_run(cfg.replace(privacy={"dp": False}, output=str(output)))
     data = federated_data(cfg.data, cfg.seed)
     tokenizer = load_tokenizer(cfg.model.name)
     pooled = [record for partition in data.partitions for record in partition]
     examples = encode_records(tokenizer, pooled, max_length=cfg.model.max_length)
     model = build_lora_model(cfg.model, seed=cfg.seed)
+    # The same public warm start as the federated rows, so every row starts alike.
+    warm_start_adapter(cfg, model, output)
     steps = max(1, round(num_examples / cfg.train.batch_size))
     started = time.perf_counter()
     result = train_local(
@@ -283,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ConfigError as err:
         parser.error(str(err))
+    # Every row starts from the same public warm start; train it once for all of them.
+    os.environ.setdefault("FEDADS_CACHE_DIR", str((args.output / "cache").resolve()))
     setup = {
         "config": str(args.config.resolve()),
         "scale": scale,

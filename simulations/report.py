@@ -351,6 +351,7 @@ def _privacy_settings(privacy: dict[str, Any]) -> list[str]:
         f"- secure mode (cryptographic noise): {_fmt_switch(privacy.get('secure_mode'))}",
         f"- secure aggregation: {_fmt_switch(privacy.get('secure_aggregation'))}",
         f"- PII scrubbing: {scrubbing_text}",
+        f"- public warm start (no DP): {_warm_start_text(privacy.get('warm_start'))}",
         "",
     ]
     note = privacy.get("accountant_note")
@@ -366,6 +367,15 @@ def _privacy_settings(privacy: dict[str, Any]) -> list[str]:
             "",
         ]
     return lines
+
+
+def _warm_start_text(warm_start: Any) -> str:
+    if not isinstance(warm_start, dict):
+        return "off"
+    return (
+        f"{_fmt(warm_start.get('num_records'))} records of `{warm_start.get('file')}`, "
+        f"{_fmt(warm_start.get('epochs'))} epochs ({_fmt(warm_start.get('steps'))} steps)"
+    )
 
 
 def _privacy_section(privacy: dict[str, Any]) -> list[str]:

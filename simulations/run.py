@@ -16,7 +16,7 @@ from common.data import AdRecord
 from common.model import load_tokenizer
 from common.text import encode_records
 from server.app import build_server_app
-from server.checkpoint import load_checkpoint
+from server.checkpoint import drop_rounds_after, load_checkpoint
 from simulations.dataset import FederatedData, federated_data
 from simulations.report import load_metrics, write_report
 
@@ -81,17 +81,28 @@ def simulate(
     run_dir = Path(cfg.output)
     if resume:
         checkpoint = load_checkpoint(run_dir)
-        if checkpoint is None:
+        if checkpoint is None and not (run_dir / "config.toml").is_file():
             raise FileNotFoundError(
-                f"run folder {run_dir} has no checkpoint to resume from: start a new run "
-                "with --output instead"
+                f"run folder {run_dir} has no checkpoint and no config.toml to resume from: "
+                "start a new run with --output instead"
             )
-        logger.info(
-            "simulate: resuming %s after round %s of %s",
-            run_dir,
-            checkpoint.server_round,
-            cfg.server.num_rounds,
-        )
+        if checkpoint is None:
+            # Killed before round 1 was checkpointed: nothing to continue, so start over.
+            # Clients that trained in the lost round re-send their counted update.
+            dropped = drop_rounds_after(run_dir / "metrics.jsonl", 0)
+            logger.warning(
+                "simulate: %s has no checkpoint (it stopped before round 1 was saved): "
+                "running it from round 1, dropping %s metrics lines",
+                run_dir,
+                dropped,
+            )
+        else:
+            logger.info(
+                "simulate: resuming %s after round %s of %s",
+                run_dir,
+                checkpoint.server_round,
+                cfg.server.num_rounds,
+            )
     elif (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoint").exists():
         raise FileExistsError(
             f"run folder {run_dir} already contains a run: pass a new --output folder, or "

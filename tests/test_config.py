@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from common.config import ConfigError, RunConfig
 
@@ -48,3 +56,12 @@ def test_production_turns_secure_mode_on():
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         RunConfig.from_toml(tmp_path / "absent.toml")
+
+
+def test_flower_run_config_defaults_equal_the_main_job():
+    # `flwr run` reads [tool.flwr.app.config]; it must describe the same job as main.toml.
+    root = Path(__file__).resolve().parents[1]
+    with (root / "pyproject.toml").open("rb") as handle:
+        flower = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+    main = RunConfig.from_toml(root / "simulations" / "configs" / "main.toml")
+    assert RunConfig.from_dict(flower).replace(output="") == main.replace(output="")

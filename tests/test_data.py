@@ -54,6 +54,24 @@ def test_e2e_trainset_subset_counts(data_dir: Path) -> None:
 
     assert len(records) == 3365
     assert len({record.source for record in records}) == 363
+    # 929 references carry EnrichedE2E's "@" edit marker, which the loader drops.
+    assert not any("@" in record.text for record in records)
+    assert "The Punter offers cheap Indian food." in {record.text for record in records}
+
+
+def test_e2e_drops_standalone_at_tokens_only(tmp_path: Path) -> None:
+    path = tmp_path / "e2e.csv"
+    path.write_text(
+        "mr,ref\n"
+        "name[A],A offers cheap @ Indian food @\n"
+        "name[B],Write to b@example.com at B.\n",
+        encoding="utf-8",
+    )
+
+    texts = [record.text for record in load_e2e(path)]
+
+    assert texts == ["A offers cheap Indian food", "Write to b@example.com at B."]
+    assert load_e2e(path)[0].fields["ref"] == "A offers cheap Indian food"
 
 
 def test_load_records_adgen_jsonl(data_dir: Path) -> None:

@@ -22,6 +22,10 @@ eval-sample = 3
 [train]
 batch-size = 8
 local-epochs = 1.0
+[warm-start]
+file = "trainset_subset.csv"
+max-examples = 16
+epochs = 1.0
 """
 
 
@@ -73,6 +77,8 @@ def test_simulation_writes_every_file_of_run_folder(two_client_run):
         "global_adapter/adapter_model.safetensors",
         "ledgers/client-000.json",
         "ledgers/client-001.json",
+        "warm_start/adapter_model.safetensors",
+        "warm_start/warm_start.json",
     ]
     missing = [name for name in expected if not (two_client_run / name).is_file()]
     assert not missing
@@ -90,6 +96,8 @@ def test_simulation_metrics_and_privacy(two_client_run):
     privacy = json.loads((two_client_run / "privacy.json").read_text())
     assert privacy["unit"] == "record"
     assert privacy["accountant"] == "prv"
+    assert privacy["warm_start"]["num_records"] == 16
+    assert privacy["warm_start"]["dp"] is False
     assert set(privacy["clients"]) == {"client-000", "client-001"}
     for client in privacy["clients"].values():
         # One round was planned, so each client spends its whole budget in it.
@@ -172,6 +180,25 @@ def test_ledger_composes_and_exhausted_client_declines(tmp_path, data_dir, tiny_
     first_round.events = [PrivacyEvent(**ledger["events"][0])]
     assert first_round.epsilon() < ledger["epsilon"] - 1.0
     assert privacy["clients"]["client-001"]["epsilon"] == pytest.approx(ledger["epsilon"])
+
+
+def test_resume_of_run_killed_before_first_checkpoint_starts_over(tmp_path, two_client_run):
+    run_dir = tmp_path / "killed-early"
+    (run_dir / "warm_start").mkdir(parents=True)
+    (run_dir / "config.toml").write_bytes((two_client_run / "config.toml").read_bytes())
+    for name in ("adapter_model.safetensors", "adapter_config.json", "warm_start.json"):
+        (run_dir / "warm_start" / name).write_bytes((two_client_run / "warm_start" / name).read_bytes())
+    # A metrics line of the round in flight, cut short by the kill.
+    (run_dir / "metrics.jsonl").write_text('{"round": 1, "num_trai', encoding="utf-8")
+
+    result = fedads("simulate", "--resume", str(run_dir))
+
+    assert "running it from round 1" in result.stderr
+    assert "warm_start: using the adapter in" in result.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1]
+    assert rows[0]["num_trained"] == 2
+    assert (run_dir / "report.md").is_file()
 
 
 def test_missing_data_folder_fails_with_clear_message(tmp_path):
