@@ -161,8 +161,21 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="write ad texts with a run's global adapter")
     p.add_argument("--run", type=Path, required=True, help="run folder written by simulate")
     p.add_argument("--source", required=True, help="product attributes or audience description")
-    p.add_argument("-n", type=int, default=1, help="number of texts (default: 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed when -n > 1")
+    p.add_argument(
+        "-n",
+        type=int,
+        default=1,
+        help="number of texts (default: 1): greedy for 1, the n best beams of beam search for "
+        "more, unless --sample",
+    )
+    p.add_argument(
+        "--sample",
+        action="store_true",
+        help="draw the texts with temperature and top-p sampling instead of beam search; small "
+        "models such as the MiniLM default write less coherent text this way",
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="with --sample (default: 0.8)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed with --sample")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -342,6 +355,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise ConfigError(f"invalid -n {args.n}: expected an integer >= 1")
+    if args.sample and not args.temperature > 0:
+        raise ConfigError(f"invalid --temperature {args.temperature}: expected a number > 0")
     model, tokenizer, cfg = load_run_model(args.run)
     texts = generate_texts(
         model,
@@ -349,7 +364,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         [args.source],
         max_new_tokens=cfg.model.max_new_tokens,
         num_return_sequences=args.n,
-        do_sample=args.n > 1,
+        do_sample=args.sample,
+        temperature=args.temperature,
         seed=args.seed,
     )[0]
     for text in texts:

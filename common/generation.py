@@ -22,6 +22,7 @@ def generate_texts(
     sources: Sequence[str],
     *,
     max_new_tokens: int = 64,
+    min_new_tokens: int = 1,
     num_return_sequences: int = 1,
     do_sample: bool = False,
     num_beams: int = 1,
@@ -38,7 +39,9 @@ def generate_texts(
     absolute positions from 0, so left padding would shift every position and degrade the
     output. Greedy decoding is the default; ``do_sample`` draws with temperature and top-p.
     ``no_repeat_ngram_size`` blocks repeated trigrams, which small decoders otherwise
-    produce ("it is not family friendly. it is not family friendly.").
+    produce ("it is not family friendly. it is not family friendly."). ``min_new_tokens``
+    keeps the end token away until that many tokens are written, so no text is empty (a
+    beam that ends at once would otherwise be one of the ``num_return_sequences``).
     """
     if num_return_sequences > 1 and not do_sample and num_beams < num_return_sequences:
         num_beams = num_return_sequences
@@ -65,6 +68,7 @@ def generate_texts(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             do_sample=do_sample,
             num_beams=num_beams,
             num_return_sequences=num_return_sequences,

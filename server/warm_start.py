@@ -33,7 +33,7 @@ RECIPE_VERSION = 1
 
 @dataclass(frozen=True)
 class WarmStartInfo:
-    """What the warm start trained on and how; written as ``warm_start.json``."""
+    """Record of the warm start's data and settings, written as ``warm_start.json``."""
 
     file: str
     sha256: str
@@ -188,7 +188,7 @@ def warm_start_adapter(
     """Return the warm-started adapter and its description, or None when it is off.
 
     The adapter is looked up in ``run_dir/warm_start`` (a resumed run), then in the shared
-    cache (``FEDADS_CACHE_DIR``), and trained only when neither holds one of the same
+    cache (``FEDADS_CACHE_DIR``), and trained only when neither has one with the same
     :func:`warm_start_key`. The result is saved in PEFT format to ``run_dir/warm_start`` and
     to the shared cache. ``model`` must hold the fresh adapter of ``cfg`` on entry; it holds
     the warm-started one on return.
@@ -215,7 +215,7 @@ def warm_start_adapter(
 
     records = load_public_records(cfg, path)
     if not records:
-        raise ValueError(f"warm-start.file = {cfg.warm_start.file!r}: {path} holds no records")
+        raise ValueError(f"warm-start.file = {cfg.warm_start.file!r}: {path} contains no records")
     logger.warning(
         "warm_start: fine-tuning the initial adapter WITHOUT DP on %s public records from %s "
         "(%g epochs); these records get no privacy protection",
@@ -246,7 +246,7 @@ def warm_start_adapter(
 
 
 def describe(info: WarmStartInfo) -> dict[str, Any]:
-    """The warm start as ``privacy.json`` states it."""
+    """Describe the warm start as ``privacy.json`` reports it."""
     return {
         "file": Path(info.file).name,
         "sha256": info.sha256,

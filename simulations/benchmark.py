@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(MODES)} (default: central,nodp,dp,cost)",
     )
     parser.add_argument(
+        "--central-learning-rate",
+        type=float,
+        help="AdamW learning rate of --only central (default: the config's train.learning-rate); "
+        "one sequential learner takes far more steps than a client does in a round",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         default=5,
@@ -332,12 +338,16 @@ def main(argv: list[str] | None = None) -> int:
     if "central" in only:
         seen = examples_seen(cfg)
         results["examples_seen"] = seen
-        run_dir = run_centralized(cfg, args.output / "centralized", num_examples=seen)
+        central_cfg, diff = cfg, {"privacy.dp": False}
+        if args.central_learning_rate is not None:
+            central_cfg = cfg.replace(train={"learning_rate": args.central_learning_rate})
+            diff["train.learning-rate"] = args.central_learning_rate
+        run_dir = run_centralized(central_cfg, args.output / "centralized", num_examples=seen)
         scores = evaluate_run(run_dir, run_dir / HELDOUT_FILE, limit=args.eval_limit or None)
         results.setdefault("utility", {})["centralized, no DP"] = {
             **scores,
             "mode": "central",
-            "config_diff": {"privacy.dp": False},
+            "config_diff": diff,
             "run_dir": str(run_dir),
         }
         save()

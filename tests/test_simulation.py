@@ -125,6 +125,16 @@ def test_generate_prints_requested_number_of_texts(two_client_run):
     )  # fmt: skip
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(lines) == 2
+    sampled = fedads(
+        "generate",
+        "--run", str(two_client_run),
+        "--source", "name[The Eagle], eatType[coffee shop], food[French]",
+        "-n", "2", "--sample", "--temperature", "1.2",
+    )  # fmt: skip
+    assert len([line for line in sampled.stdout.splitlines() if line.strip()]) == 2
+    bad = fedads("generate", "--run", str(two_client_run), "--source", "x", "--sample",
+                 "--temperature", "0", check=False)  # fmt: skip
+    assert bad.returncode != 0 and "invalid --temperature 0.0" in bad.stderr
 
 
 def test_evaluate_writes_scores(two_client_run):
