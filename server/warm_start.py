@@ -100,8 +100,8 @@ def file_sha256(path: Path) -> str:
 def warm_start_key(cfg: RunConfig, data_sha256: str) -> str:
     """Digest of everything the warm-started adapter depends on.
 
-    Two runs with the same key get bit-identical adapters from the same library versions,
-    so the shared cache may hand one run's result to the other.
+    Two runs with the same key would train the same adapter (up to floating-point
+    differences between machines), so the shared cache may hand one run's result to the other.
     """
     model = cfg.model
     inputs = {
@@ -190,8 +190,8 @@ def warm_start_adapter(
     The adapter is looked up in ``run_dir/warm_start`` (a resumed run), then in the shared
     cache (``FEDADS_CACHE_DIR``), and trained only when neither has one with the same
     :func:`warm_start_key`. The result is saved in PEFT format to ``run_dir/warm_start`` and
-    to the shared cache. ``model`` must hold the fresh adapter of ``cfg`` on entry; it holds
-    the warm-started one on return.
+    to the shared cache. On entry ``model`` must contain the fresh adapter of ``cfg``; on
+    return it contains the warm-started one.
     """
     if not cfg.warm_start.enabled:
         return None
@@ -218,7 +218,7 @@ def warm_start_adapter(
         raise ValueError(f"warm-start.file = {cfg.warm_start.file!r}: {path} contains no records")
     logger.warning(
         "warm_start: fine-tuning the initial adapter WITHOUT DP on %s public records from %s "
-        "(%g epochs); these records get no privacy protection",
+        "(epochs: %g); these records get no privacy protection",
         len(records),
         path,
         cfg.warm_start.epochs,

@@ -374,7 +374,7 @@ def _warm_start_text(warm_start: Any) -> str:
         return "off"
     return (
         f"{_fmt(warm_start.get('num_records'))} records of `{warm_start.get('file')}`, "
-        f"{_fmt(warm_start.get('epochs'))} epochs ({_fmt(warm_start.get('steps'))} steps)"
+        f"{_fmt(warm_start.get('steps'))} steps (epochs: {_fmt(warm_start.get('epochs'))})"
     )
 
 

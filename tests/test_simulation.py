@@ -134,7 +134,8 @@ def test_generate_prints_requested_number_of_texts(two_client_run):
     assert len([line for line in sampled.stdout.splitlines() if line.strip()]) == 2
     bad = fedads("generate", "--run", str(two_client_run), "--source", "x", "--sample",
                  "--temperature", "0", check=False)  # fmt: skip
-    assert bad.returncode != 0 and "invalid --temperature 0.0" in bad.stderr
+    assert bad.returncode != 0
+    assert "invalid --temperature 0.0" in bad.stderr
 
 
 def test_evaluate_writes_scores(two_client_run):
@@ -192,7 +193,7 @@ def test_ledger_composes_and_exhausted_client_declines(tmp_path, data_dir, tiny_
     assert privacy["clients"]["client-001"]["epsilon"] == pytest.approx(ledger["epsilon"])
 
 
-def test_resume_of_run_killed_before_first_checkpoint_starts_over(tmp_path, two_client_run):
+def test_resume_before_first_checkpoint(tmp_path, two_client_run):
     run_dir = tmp_path / "killed-early"
     (run_dir / "warm_start").mkdir(parents=True)
     (run_dir / "config.toml").write_bytes((two_client_run / "config.toml").read_bytes())

@@ -150,6 +150,6 @@ def test_privacy_report_states_the_warm_start(tmp_path, data_dir):
     assert any("without DP on the public records" in item for item in summary["not_protected"])
     assert not any("public records" in item for item in not_protected(RunConfig()))
     lines = "\n".join(_privacy_settings(summary))
-    assert "public warm start (no DP): 24 records of `trainset_subset.csv`" in lines
+    assert "public warm start (no DP): 24 records of `trainset_subset.csv`, 3 steps" in lines
     off = RunRecorder(tmp_path / "off", RunConfig()).privacy_summary()
     assert "public warm start (no DP): off" in "\n".join(_privacy_settings(off))
