@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(MODES)} (default: central,nodp,dp,cost)",
     )
     parser.add_argument(
+        "--skip-client-round",
+        action="store_true",
+        help="with --only aggregation, skip timing the largest client's local DP round "
+        "(minutes on a CPU), and so the aggregation share of a round",
+    )
+    parser.add_argument(
         "--central-learning-rate",
         type=float,
         help="AdamW learning rate of --only central (default: the config's train.learning-rate); "
@@ -328,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     if "aggregation" in only:
         results["aggregation_s"] = time_aggregation(cfg, repeats=args.repeats)
         results["payload_ratios"] = payload_ratios(cfg)
-        results["client_round"] = time_client_round(cfg, repeats=min(args.repeats, 3))
+        if args.skip_client_round:
+            logger.info("benchmark: --skip-client-round: no aggregation share of a round")
+        else:
+            results["client_round"] = time_client_round(cfg, repeats=min(args.repeats, 3))
         only.discard("aggregation")
         if not only:
             save()

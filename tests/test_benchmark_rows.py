@@ -341,3 +341,19 @@ def test_strategies_smoke_run(tmp_path, data_dir, capsys):
     assert row["config_diff"] == {}
     assert (tmp_path / "strategies-fedavg-eps8" / "global_adapter").is_dir()
     assert "| FedAvg, DP ε=8 |" in capsys.readouterr().out
+
+
+def test_aggregation_skip_client_round(tmp_path, data_dir, monkeypatch):
+    def no_client_round(*args, **kwargs):
+        raise AssertionError("--skip-client-round should not time a client round")
+
+    monkeypatch.setattr(benchmark, "time_aggregation", lambda cfg, repeats: {"none": {20: 0.05}})
+    monkeypatch.setattr(benchmark, "payload_ratios", lambda cfg: [])
+    monkeypatch.setattr(benchmark, "time_client_round", no_client_round)
+    argv = ["--data-dir", str(data_dir), "--output", str(tmp_path), "--only", "aggregation"]
+
+    assert benchmark.main([*argv, "--skip-client-round"]) == 0
+
+    results = json.loads((tmp_path / "benchmark.json").read_text())
+    assert "client_round" not in results
+    assert results["aggregation_s"] == {"none": {"20": 0.05}}
