@@ -308,7 +308,10 @@ class RunRecorder:
             "modulus_bits": server.secagg_modulus_bits,
             "weighting": server.weighting,
             "max_weight": server.secagg_max_weight if server.weighting == "examples" else 1,
-            "client_clip_norm": server.client_clip_norm,
+            # Under advertiser-level DP each client clips to the round's clipping norm instead.
+            "client_clip_norm": (
+                None if self.cfg.advertiser_dp.enabled else server.client_clip_norm
+            ),
             "update_validation": SECURE_AGGREGATION_VALIDATION,
         }
 

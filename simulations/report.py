@@ -360,13 +360,20 @@ def _privacy_settings(privacy: dict[str, Any]) -> list[str]:
     settings = privacy.get("secure_aggregation_settings")
     if privacy.get("secure_aggregation") and isinstance(settings, dict):
         lines += [
-            (f"NOTE: {settings.get('update_validation')}. Clients clip to L2 norm "
-             f"{_fmt(settings.get('client_clip_norm'))}; {_fmt(settings.get('protocol'))} "
+            (f"NOTE: {settings.get('update_validation')}. Clients clip to "
+             f"{_client_clip_text(settings.get('client_clip_norm'))}; "
+             f"{_fmt(settings.get('protocol'))} "
              f"with threshold fraction {_fmt(settings.get('threshold_fraction'))} and a "
              f"2^{_fmt(settings.get('modulus_bits'))} modulus."),
             "",
         ]
     return lines
+
+
+def _client_clip_text(norm: Any) -> str:
+    if norm is None:
+        return "each round's advertiser-level clipping norm"
+    return f"L2 norm {_fmt(norm)}"
 
 
 def _warm_start_text(warm_start: Any) -> str:

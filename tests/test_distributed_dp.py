@@ -418,6 +418,8 @@ def test_privacy_file_and_report_state_distributed_noise(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "- noise: added by the clients under secure aggregation (distributed)" in text
     assert "calibrated for at least 3 survivors" in text
+    assert "Clients clip to each round's advertiser-level clipping norm" in text
+    assert privacy["secure_aggregation_settings"]["client_clip_norm"] is None
 
 
 def test_secure_config_is_main_plus_both_units():
