@@ -196,7 +196,8 @@ def warm_start_adapter(
     if not cfg.warm_start.enabled:
         return None
     path = public_data_path(cfg)
-    key = warm_start_key(cfg, file_sha256(path))
+    data_sha256 = file_sha256(path)
+    key = warm_start_key(cfg, data_sha256)
     folders = [run_dir / WARM_START_DIR]
     shared = shared_cache_dir()
     if shared is not None:
@@ -229,7 +230,7 @@ def warm_start_adapter(
     ws = cfg.warm_start
     info = WarmStartInfo(
         file=str(path),
-        sha256=file_sha256(path),
+        sha256=data_sha256,
         num_records=len(records),
         epochs=ws.epochs,
         steps=steps,
