@@ -259,7 +259,7 @@ def load_e2e(path: str | Path, *, max_chars: int | None = 2000) -> list[AdRecord
     """Load an E2E CSV file (columns ``mr`` and ``ref``) as AdRecords.
 
     ``source`` is the MR and ``text`` the reference, without the standalone ``@`` tokens
-    that mark edited spots in EnrichedE2E's references (no E2E text uses ``@`` as a word).
+    that mark edited spots in EnrichedE2E's references (the official devset.csv has no ``@``).
     ``fields`` contains the raw columns
     (``mr``, ``ref`` and any others) and each parsed MR attribute, so that
     ``fields["name"]`` is the venue. Validation is the same as in ``load_records``, and a
