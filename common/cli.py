@@ -88,7 +88,7 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--strategy",
-        choices=("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"),
+        choices=("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"),
         help="server strategy (default: fedavg)",
     )
     p.add_argument(
@@ -98,8 +98,12 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--proximal-mu", type=float, help="FedProx proximal term weight mu")
     p.add_argument(
-        "--server-learning-rate", type=float, help="FedAdam/FedYogi/FedAdagrad learning rate"
+        "--server-learning-rate",
+        type=float,
+        help="server learning rate of FedAvgM (about 1.0) and FedAdam/FedYogi/FedAdagrad "
+        "(default: 0.01)",
     )
+    p.add_argument("--server-momentum", type=float, help="FedAvgM server momentum (default: 0.9)")
     p.add_argument(
         "--robust",
         choices=("none", "median", "trimmed-mean"),
@@ -316,6 +320,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             "weighting": args.weighting,
             "proximal_mu": args.proximal_mu,
             "server_learning_rate": args.server_learning_rate,
+            "server_momentum": args.server_momentum,
             "robust": args.robust,
             "norm_bound": args.norm_bound,
             "max_update_norm": args.max_update_norm,

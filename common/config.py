@@ -480,7 +480,7 @@ class WarmStartConfig:
         return bool(self.file)
 
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 WEIGHTINGS = ("examples", "uniform")
 ROBUST_RULES = ("none", "median", "trimmed-mean")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
@@ -490,11 +490,12 @@ WIRE_DTYPES = ("float32", "float16", "bfloat16")
 class ServerConfig:
     """Rounds, client sampling, aggregation and server-side evaluation.
 
-    ``strategy`` picks the server update (``server.strategies``): ``fedavg``, ``fedprox``
-    (clients add ``proximal_mu / 2 * ||w - w_global||^2`` to each sample's loss),
-    ``fedadam``, ``fedyogi`` or ``fedadagrad`` (server optimizers with learning rate
-    ``server_learning_rate``, momentum ``beta_1``, second moment ``beta_2`` and
-    adaptivity ``tau``). ``weighting`` weighs client updates by example count or
+    ``strategy`` picks the server update (``server.strategies``): ``fedavg``, ``fedavgm``
+    (FedAvg with momentum ``server_momentum`` and learning rate ``server_learning_rate``,
+    about 1.0 for it), ``fedprox`` (clients add ``proximal_mu / 2 * ||w - w_global||^2``
+    to each sample's loss), ``fedadam``, ``fedyogi`` or ``fedadagrad`` (server optimizers
+    with learning rate ``server_learning_rate``, momentum ``beta_1``, second moment
+    ``beta_2`` and adaptivity ``tau``). ``weighting`` weighs client updates by example count or
     equally. ``robust`` replaces the weighted mean by the coordinate-wise ``median`` or
     ``trimmed-mean`` (dropping ``trim_fraction`` at each end), which ignore weights.
     ``norm_bound > 0`` scales each client's update down to that L2 norm before
@@ -529,6 +530,7 @@ class ServerConfig:
     weighting: str = "examples"
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
+    server_momentum: float = 0.9
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3
@@ -582,6 +584,12 @@ class ServerConfig:
             "server.server-learning-rate",
             self.server_learning_rate,
             "a number > 0",
+        )
+        _require(
+            0.0 <= self.server_momentum < 1.0,
+            "server.server-momentum",
+            self.server_momentum,
+            "0 <= momentum < 1",
         )
         _require(0.0 <= self.beta_1 < 1.0, "server.beta-1", self.beta_1, "0 <= beta < 1")
         _require(0.0 <= self.beta_2 < 1.0, "server.beta-2", self.beta_2, "0 <= beta < 1")

@@ -9,7 +9,7 @@ held-out sources (BLEU, ROUGE-L, slot error rate). The modes:
   training examples as the federated runs see;
 - ``nodp`` and ``dp``: federated training without DP, and with record-level DP at each
   ``--epsilons`` value;
-- ``strategies``: record-level DP with FedAvg, FedProx, FedAdam, FFA-LoRA and mixed LoRA
+- ``strategies``: record-level DP with FedAvg, FedAvgM, FedProx, FedAdam, FFA-LoRA and mixed LoRA
   ranks (``--strategies`` picks a subset);
 - ``attack``: a clean run, and runs in which one client scales its update
   (``data.attack-client``) without and with a robust rule (``--attack-defense``);

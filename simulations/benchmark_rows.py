@@ -17,7 +17,10 @@ from common.config import ConfigError, RunConfig
 
 FEDERATED_MODES = ("nodp", "dp", "strategies", "attack", "units")
 MODES = ("central", *FEDERATED_MODES, "exposure", "cost", "aggregation")
-STRATEGY_KEYS = ("fedavg", "fedprox", "fedadam", "ffa-lora", "mixed-ranks")
+STRATEGY_KEYS = ("fedavg", "fedavgm", "fedprox", "fedadam", "ffa-lora", "mixed-ranks")
+# FedAvgM's row scales the averaged update by 1, as Hsu et al. do, whatever the
+# base config's server-learning-rate (whose default is the FedOpt family's 0.01).
+FEDAVGM_LEARNING_RATE = 1.0
 MIXED_RANKS = "4,8,16"
 DEFENSES = ("median", "trimmed-mean", "norm-bound")
 # Record-level DP targets of each mode when --epsilons is not given.
@@ -130,6 +133,15 @@ def _strategy_variant(base: RunConfig, key: str) -> tuple[str, dict[str, Any]]:
     fedavg = {"server.strategy": "fedavg"}
     if key == "fedavg":
         return "FedAvg", fedavg
+    if key == "fedavgm":
+        name = (
+            f"FedAvgM (server learning rate {FEDAVGM_LEARNING_RATE:g}, momentum "
+            f"{server.server_momentum:g})"
+        )
+        return name, {
+            "server.strategy": "fedavgm",
+            "server.server-learning-rate": FEDAVGM_LEARNING_RATE,
+        }
     if key == "fedprox":
         return f"FedProx (μ={server.proximal_mu:g})", {"server.strategy": "fedprox"}
     if key == "fedadam":
@@ -176,7 +188,7 @@ def parse_strategy_keys(text: str) -> tuple[str, ...]:
 def strategy_rows(
     base: RunConfig, epsilons: Sequence[float], keys: Sequence[str] = STRATEGY_KEYS
 ) -> list[BenchmarkRow]:
-    """Build record-level DP rows per ε: FedAvg, FedProx, FedAdam, FFA-LoRA and mixed ranks."""
+    """Build record-level DP rows per ε: FedAvg, FedAvgM, FedProx, FedAdam, FFA-LoRA, mixed ranks."""
     rows = []
     for epsilon in epsilons:
         for key in keys:

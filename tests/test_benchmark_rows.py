@@ -42,6 +42,11 @@ def test_strategy_rows_main_config(main_cfg):
 
     assert found["fedavg"].name == "FedAvg, DP ε=8"
     assert found["fedavg"].config_diff(main_cfg) == {}
+    assert found["fedavgm"].config_diff(main_cfg) == {
+        "server.strategy": "fedavgm",
+        "server.server-learning-rate": 1.0,
+    }
+    assert found["fedavgm"].name == "FedAvgM (server learning rate 1, momentum 0.9), DP ε=8"
     assert found["fedprox"].config_diff(main_cfg) == {"server.strategy": "fedprox"}
     assert found["fedadam"].config(main_cfg).server.strategy == "fedadam"
     assert found["ffa-lora"].config_diff(main_cfg) == {"model.ffa-lora": True}
@@ -198,7 +203,7 @@ def test_all_modes_names_unique(main_cfg):
     assert len({row.name for row in rows}) == len(rows)
     assert len({row.key for row in rows}) == len(rows)
     assert {row.mode for row in rows} == set(ALL_MODES)
-    assert len(rows) == 1 + 2 + 5 * 2 + 3 * 2 + 2 * 2 + 2
+    assert len(rows) == 1 + 2 + len(STRATEGY_KEYS) * 2 + 3 * 2 + 2 * 2 + 2
 
 
 def test_attack_summary_ratios():

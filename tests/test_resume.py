@@ -44,9 +44,14 @@ def assert_same_adapter(first, second):
         np.testing.assert_array_equal(first[name], second[name])
 
 
-def test_stopped_server_resumes_to_same_adapter(tmp_path):
+@pytest.mark.parametrize(
+    "server", [{"strategy": "fedadam"}, {"strategy": "fedavgm", "server-learning-rate": 1.0}]
+)
+def test_stopped_server_resumes_to_same_adapter(tmp_path, server):
+    # Both strategies keep optimizer state (moments, velocity) that the checkpoint carries.
     straight_dir, stopped_dir = tmp_path / "straight", tmp_path / "stopped"
-    straight_cfg, stopped_cfg = loop_config(straight_dir), loop_config(stopped_dir)
+    straight_cfg = loop_config(straight_dir, **server)
+    stopped_cfg = loop_config(stopped_dir, **server)
     expected = run_rounds(
         LocalGrid(synthetic_client_app(straight_cfg), 5), straight_cfg, straight_dir
     )
@@ -66,7 +71,11 @@ def test_stopped_server_resumes_to_same_adapter(tmp_path):
     assert rounds(stopped_dir) == [1, 2, 3]
     checkpoint = load_checkpoint(stopped_dir)
     assert checkpoint.server_round == 3
-    assert int(checkpoint.optimizer_state["t"]) == 3  # FedAdam took one step per round
+    if server["strategy"] == "fedadam":
+        assert int(checkpoint.optimizer_state["t"]) == 3  # FedAdam took one step per round
+    else:
+        assert checkpoint.optimizer_state  # the velocity
+        assert all(key.startswith("velocity/") for key in checkpoint.optimizer_state)
     assert not any(
         m.metadata.message_type == "train" and int(m.content["config"]["server-round"]) == 1
         for m in restarted.sent

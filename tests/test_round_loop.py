@@ -126,7 +126,9 @@ def test_node_with_unserved_rank_is_not_sampled(tmp_path, caplog):
     assert "lora-rank 8" in caplog.text
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"])
+@pytest.mark.parametrize(
+    "strategy", ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"]
+)
 def test_every_strategy_runs_and_moves_adapter(tmp_path, strategy):
     cfg = loop_config(tmp_path, strategy=strategy, **{"num-rounds": 1})
     grid = LocalGrid(synthetic_client_app(cfg), 2)
