@@ -334,3 +334,40 @@ def test_max_quantization_bits_formula():
     assert fixed_point.max_quantization_bits(64, 1) == fixed_point.MAX_QUANTIZATION_BITS
     assert fixed_point.max_quantization_bits(32, 10) == 28
     assert fixed_point.max_quantization_bits(32, 2**32) == 0
+
+
+@pytest.mark.parametrize("modulus_bits", [20, 32, 40, 64])
+def test_in_place_masks_equal_masks(modulus_bits):
+    # add_self_mask / add_pairwise_mask skip the per-mask reduction; after one
+    # reduce_mod the total must equal the sum of the reduced masks.
+    config = FixedPointConfig(clipping_range=1.0, max_clients=4, modulus_bits=modulus_bits)
+    session_id = secrets.token_bytes(16)
+    length = 3000
+    start = masking.expand_mask(secrets.token_bytes(32), length, config)
+    self_seed, pair_seed = secrets.token_bytes(32), secrets.token_bytes(32)
+
+    expected = add_mod(
+        start, masking.self_mask(self_seed, length, config, session_id=session_id), config
+    )
+    expected = add_mod(
+        expected, masking.pairwise_mask(pair_seed, length, config, own_id=1, peer_id=2), config
+    )
+    expected = add_mod(
+        expected, masking.pairwise_mask(pair_seed, length, config, own_id=3, peer_id=0), config
+    )
+
+    total = start.copy()
+    masking.add_self_mask(total, self_seed, config, session_id=session_id)
+    masking.add_pairwise_mask(total, pair_seed, config, own_id=1, peer_id=2)
+    masking.add_pairwise_mask(total, pair_seed, config, own_id=3, peer_id=0)
+    fixed_point.reduce_mod(total, config)
+    np.testing.assert_array_equal(total, expected)
+    assert total.dtype == config.dtype
+    assert int(total.max()) < 2**modulus_bits
+
+
+def test_in_place_pairwise_mask_rejects_own_id():
+    config = FixedPointConfig(clipping_range=1.0, max_clients=4)
+    total = np.zeros(10, dtype=config.dtype)
+    with pytest.raises(ValueError, match="no mask with itself"):
+        masking.add_pairwise_mask(total, secrets.token_bytes(32), config, own_id=2, peer_id=2)

@@ -11,7 +11,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from common.secagg import masking, shamir
-from common.secagg.fixed_point import add_mod, encode, flatten_update
+from common.secagg.fixed_point import encode, flatten_update, reduce_mod
 from common.secagg.messages import (
     SEED_BYTES,
     SHARE_PLAINTEXT,
@@ -300,12 +300,8 @@ class SecAggClient:
                 config.clipping_range,
                 config.clipping_range,
             )
-        length = masked.size
-        masked = add_mod(
-            masked,
-            masking.self_mask(self._self_mask_seed, length, config, session_id=setup.session_id),
-            config,
-        )
+        masked = masked.astype(config.dtype)  # a private, writable copy to add masks to
+        masking.add_self_mask(masked, self._self_mask_seed, config, session_id=setup.session_id)
         for sender in senders:
             seed = masking.pairwise_seed(
                 self._s_private_key,
@@ -314,10 +310,10 @@ class SecAggClient:
                 own_id=self.client_id,
                 peer_id=sender,
             )
-            pairwise = masking.pairwise_mask(
-                seed, length, config, own_id=self.client_id, peer_id=sender
+            masking.add_pairwise_mask(
+                masked, seed, config, own_id=self.client_id, peer_id=sender
             )
-            masked = add_mod(masked, pairwise, config)
+        reduce_mod(masked, config)
 
         # The secrets now live only as shares; drop them so that a later leak of this
         # object cannot unmask the input.

@@ -207,6 +207,25 @@ def add_mod(a: np.ndarray, b: np.ndarray, config: FixedPointConfig) -> np.ndarra
     return total & config.dtype(config.mask)
 
 
+def accumulate_mod(
+    total: np.ndarray, value: np.ndarray, config: FixedPointConfig, *, negate: bool = False
+) -> None:
+    """Add (or with ``negate`` subtract) ``value`` to ``total`` in place, mod ``2**dtype bits``.
+
+    ``total`` must be a writable array of ``config.dtype``. Unsigned NumPy arithmetic wraps,
+    and ``2**k`` divides the wrap modulus, so a run of these calls followed by one
+    :func:`reduce_mod` gives the sum mod ``2**k``, without a copy per term.
+    """
+    operation = np.subtract if negate else np.add
+    operation(total, value.astype(config.dtype, copy=False), out=total)
+
+
+def reduce_mod(total: np.ndarray, config: FixedPointConfig) -> np.ndarray:
+    """Reduce ``total`` (of ``config.dtype``) mod ``2**k`` in place and return it."""
+    np.bitwise_and(total, config.dtype(config.mask), out=total)
+    return total
+
+
 def subtract_mod(a: np.ndarray, b: np.ndarray, config: FixedPointConfig) -> np.ndarray:
     """Return ``(a - b) mod 2**k`` as ``config.dtype``."""
     difference = a.astype(config.dtype, copy=False) - b.astype(config.dtype, copy=False)

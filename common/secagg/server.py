@@ -13,9 +13,10 @@ from common.secagg import masking, shamir
 from common.secagg.fixed_point import (
     FixedPointConfig,
     Layout,
-    add_mod,
+    accumulate_mod,
     decode_sum,
     layout_size,
+    reduce_mod,
     subtract_mod,
     unflatten_update,
 )
@@ -285,8 +286,8 @@ class SecAggServer:
         # Only the running sum is kept: no per-client vector outlives this loop.
         total = np.zeros(length, dtype=self.fixed_point.dtype)
         for u in sorted(by_id):
-            total = add_mod(total, by_id[u].masked_input, self.fixed_point)
-        self.masked_sum = total
+            accumulate_mod(total, by_id[u].masked_input, self.fixed_point)
+        self.masked_sum = reduce_mod(total, self.fixed_point)
         self.masked = frozenset(by_id)
         self.stage = STAGE_UNMASK
         survivors = tuple(sorted(self.masked))
@@ -329,8 +330,7 @@ class SecAggServer:
         mask_total = np.zeros(length, dtype=config.dtype)
         for u in sorted(self.masked):
             seed = self._reconstruct(u, seed_shares[u], "self-mask seed")
-            mask = masking.self_mask(seed, length, config, session_id=self.session_id)
-            mask_total = add_mod(mask_total, mask, config)
+            masking.add_self_mask(mask_total, seed, config, session_id=self.session_id)
         for v in sorted(dropped):
             partners = sorted(self.neighbours[v] & self.masked)
             if not partners:
@@ -343,8 +343,8 @@ class SecAggServer:
                     key, self.s_public_keys[u], session_id=self.session_id, own_id=v, peer_id=u
                 )
                 # The mask that survivor u added for its dropped neighbour v.
-                mask = masking.pairwise_mask(seed, length, config, own_id=u, peer_id=v)
-                mask_total = add_mod(mask_total, mask, config)
+                masking.add_pairwise_mask(mask_total, seed, config, own_id=u, peer_id=v)
+        reduce_mod(mask_total, config)
 
         # Masks are removed from the sum of at least `threshold` inputs, never from one.
         assert self.masked_sum is not None
