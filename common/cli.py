@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.config import ConfigError, RunConfig
+from common.config import ConfigError, RunConfig, load_toml
 from common.data import DataValidationError
 
 logger = logging.getLogger("fedads")
@@ -30,8 +30,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--data-dir",
-        help="folder with e2e/devset.csv or the records file; missing E2E files are "
-        f"downloaded (default: $FEDADS_DATA_DIR or ./{DEFAULT_DATA_DIR})",
+        help="folder with e2e/devset.csv (downloaded when missing), the public warm-start "
+        "file and records files (default: the config's data.data-dir if it sets one, else "
+        f"$FEDADS_DATA_DIR, else ./{DEFAULT_DATA_DIR})",
     )
 
 
@@ -62,6 +63,17 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-file", help="file name in the data folder (E2E) or records file")
     p.add_argument("--source-column", help="column holding the source (records dataset)")
     p.add_argument("--text-column", help="column holding the ad text (records dataset)")
+    p.add_argument(
+        "--partitioner",
+        choices=("column", "iid", "dirichlet"),
+        help="how records are split among clients (default: the config's; column in the "
+        "main job)",
+    )
+    p.add_argument(
+        "--partition-column",
+        help="with --partitioner column, the column (records) or MR attribute (E2E) whose "
+        "values name the clients (main job: name)",
+    )
     p.add_argument("--max-chars", type=int, help="longest accepted record, in characters")
     p.add_argument("--seed", type=int, help="seed for splits, sampling and initialization")
     p.add_argument(
@@ -100,8 +112,8 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--server-learning-rate",
         type=float,
-        help="server learning rate of FedAvgM (about 1.0) and FedAdam/FedYogi/FedAdagrad "
-        "(default: 0.01)",
+        help="server learning rate of FedAvgM and FedAdam/FedYogi/FedAdagrad (default: 0.01 "
+        "for all; FedAvgM usually takes about 1.0, so pass it with --strategy fedavgm)",
     )
     p.add_argument("--server-momentum", type=float, help="FedAvgM server momentum (default: 0.9)")
     p.add_argument(
@@ -122,8 +134,9 @@ def _add_federation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--secure-aggregation",
         action="store_true",
-        help="aggregate with SecAgg+ so the server sees only the sum of the updates; needs "
-        "--norm-bound or --max-update-norm, which each client then clips its update to",
+        help="aggregate with SecAgg+ so the server sees only the sum of the updates; unless "
+        "[advertiser-dp] is enabled it needs --norm-bound or --max-update-norm, which each "
+        "client then clips its update to",
     )
     p.add_argument(
         "--wire-dtype",
@@ -272,14 +285,24 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
     return cfg.replace(output=str(args.resume))
 
 
+def _sets_data_dir(path: Path) -> bool:
+    """Return whether the TOML config at ``path`` sets ``data.data-dir`` itself."""
+    try:
+        values = load_toml(path)
+    except ConfigError:
+        return False  # RunConfig.from_toml reports the file's problem next
+    data = values.get("data")
+    return isinstance(data, dict) and ("data-dir" in data or "data_dir" in data)
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Build the run config: defaults, then ``--config``, then flags (or ``--resume``)."""
     if getattr(args, "resume", None) is not None:
         return _resume_config(args)
     cfg = RunConfig.from_toml(args.config or MAIN_CONFIG)
-    data_dir = args.data_dir or (
-        None if args.config else os.environ.get("FEDADS_DATA_DIR", DEFAULT_DATA_DIR)
-    )
+    data_dir = args.data_dir
+    if data_dir is None and not (args.config and _sets_data_dir(args.config)):
+        data_dir = os.environ.get("FEDADS_DATA_DIR", DEFAULT_DATA_DIR)
     flag_map = {
         "model": {
             "name": args.model,
@@ -297,6 +320,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             "source_column": args.source_column,
             "text_column": args.text_column,
             "max_chars": args.max_chars,
+            "partitioner": args.partitioner,
+            "partition_column": args.partition_column,
         },
         "train": {
             "local_epochs": args.local_epochs,

@@ -678,6 +678,18 @@ class ServerConfig:
         return min(bounds, default=0.0)
 
 
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Return the tables of the TOML file at ``path``, or raise ConfigError naming it."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"invalid TOML in {path}: {err}") from None
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; sections map to TOML tables with kebab-case keys."""
@@ -766,15 +778,7 @@ class RunConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
         """Read a TOML run config; unknown keys are errors, missing keys keep defaults."""
-        path = Path(path)
-        try:
-            with path.open("rb") as handle:
-                values = tomllib.load(handle)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"invalid TOML in {path}: {err}") from None
-        return cls.from_dict(values)
+        return cls.from_dict(load_toml(path))
 
     def to_dict(self) -> dict[str, Any]:
         """Nested tables with kebab-case keys, as written to ``config.toml``."""

@@ -134,3 +134,33 @@ def test_resume_reads_run_config_and_rejects_other_flags(tmp_path):
         config_from_args(args)
     with pytest.raises(ConfigError, match="config file not found"):
         config_from_args(build_parser().parse_args(["simulate", "--resume", str(tmp_path)]))
+
+
+def test_data_dir_env_applies_with_config(tmp_path, monkeypatch):
+    # A config without data.data-dir takes the folder from FEDADS_DATA_DIR, as no config does.
+    monkeypatch.setenv("FEDADS_DATA_DIR", str(tmp_path / "env-data"))
+    plain = tmp_path / "plain.toml"
+    plain.write_text("[server]\nnum-rounds = 2\n")
+    cfg = config_from_args(build_parser().parse_args(["simulate", "--config", str(plain)]))
+    assert cfg.data.data_dir == str(tmp_path / "env-data")
+
+
+def test_config_data_dir_beats_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDADS_DATA_DIR", str(tmp_path / "env-data"))
+    pinned = tmp_path / "pinned.toml"
+    pinned.write_text('[data]\ndata-dir = "from-config"\n')
+    args = build_parser().parse_args(["simulate", "--config", str(pinned)])
+    assert config_from_args(args).data.data_dir == "from-config"
+    args = build_parser().parse_args(["simulate", "--config", str(pinned), "--data-dir", "flag"])
+    assert config_from_args(args).data.data_dir == "flag"
+
+
+def test_partition_flags_reach_config():
+    args = build_parser().parse_args(
+        ["simulate", "--partitioner", "column", "--partition-column", "audience"]
+    )
+    data = config_from_args(args).data
+    assert data.partitioner == "column"
+    assert data.partition_column == "audience"
+    iid = build_parser().parse_args(["simulate", "--partitioner", "iid"])
+    assert config_from_args(iid).data.partitioner == "iid"
