@@ -174,7 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="base run config of every row (default: simulations/configs/main.toml)",
     )
     parser.add_argument("--data-dir", required=True, help="folder holding e2e/devset.csv")
-    parser.add_argument("--output", type=Path, default=Path("runs/bench"))
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("runs/bench"),
+        help="results folder: benchmark.json, the table and one run folder per row; a "
+        "folder holding results of another scale is rejected (default: runs/bench)",
+    )
     parser.add_argument(
         "--epsilons",
         help="comma-separated record-level DP targets ε (default: 8,3 for dp and exposure, "

@@ -133,9 +133,15 @@ def time_secure(initial: dict, updates: Sequence[ClientUpdate], cfg: RunConfig) 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--num-clients", type=int, nargs="+", default=[10, 20], help="client counts to time"
+        "--num-clients",
+        type=int,
+        nargs="+",
+        default=[10, 20],
+        help="client counts to time (default: 10 20)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per mode, median reported (default: 3)"
+    )
     parser.add_argument(
         "--num-neighbours",
         type=int,
