@@ -71,6 +71,10 @@ class FedAvgM(FedAvg):
     ``learning_rate / (1 - momentum)`` times the averaged update, so rounds in which each
     sampled client takes few local steps still move the adapter far. The velocity ``v``
     is checkpointed.
+
+    NOTE: the velocity also carries every round's DP noise forward. In the main job's
+    setup (record-level DP at ε = 8, 5 of 20 advertisers per round), learning rate 1 with
+    momentum 0.9 diverged after 4 rounds (``BENCHMARKS.md``). Smaller momentum is untested.
     """
 
     name = "fedavgm"
