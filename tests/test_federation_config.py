@@ -164,3 +164,18 @@ def test_partition_flags_reach_config():
     assert data.partition_column == "audience"
     iid = build_parser().parse_args(["simulate", "--partitioner", "iid"])
     assert config_from_args(iid).data.partitioner == "iid"
+
+
+def test_fedavgm_flags_reach_config():
+    args = build_parser().parse_args(
+        [
+            "simulate",
+            "--strategy", "fedavgm",
+            "--server-learning-rate", "1.0",
+            "--server-momentum", "0.5",
+        ]
+    )  # fmt: skip
+    server = config_from_args(args).server
+    assert server.strategy == "fedavgm"
+    assert server.server_learning_rate == 1.0
+    assert server.server_momentum == 0.5
