@@ -74,7 +74,8 @@ class FedAvgM(FedAvg):
 
     NOTE: the velocity also carries every round's DP noise forward. In the main job's
     setup (record-level DP at ε = 8, 5 of 20 advertisers per round), learning rate 1 with
-    momentum 0.9 diverged after 4 rounds (``BENCHMARKS.md``). Smaller momentum is untested.
+    momentum 0.9 diverged after 4 rounds, and momentum 0.5 scored level with FedAvg
+    (``BENCHMARKS.md``).
     """
 
     name = "fedavgm"
