@@ -111,8 +111,8 @@ class FedAvgM(FedAvg):
         unknown = [key for key in state if not key.startswith(prefix)]
         if unknown:
             raise ValueError(
-                f"optimizer state of {self.name} holds arrays {unknown[:3]} that are not "
-                "velocities: the checkpoint was written by another strategy; resume with it"
+                f"invalid optimizer state for {self.name}: arrays {unknown[:3]} are not "
+                "velocities, so another strategy wrote the checkpoint; resume with that strategy"
             )
         self.velocity = {
             key[len(prefix) :]: np.asarray(value, np.float32) for key, value in state.items()

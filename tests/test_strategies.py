@@ -147,8 +147,8 @@ def test_fedyogi_and_fedadagrad_first_step_match_formula():
 def _flower_step(strategy, current, delta):
     """One aggregate_train of a Flower strategy with a single reply at current + delta.
 
-    Flower's FedOpt strategies hold their current arrays as a dict of NumPy arrays, and
-    FedAvgM holds them as an ArrayRecord.
+    Flower's FedOpt strategies keep their current arrays in a dict of NumPy arrays, and
+    FedAvgM keeps them in an ArrayRecord.
     """
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     if isinstance(strategy, FlowerFedAvgM):
