@@ -285,12 +285,8 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
     return cfg.replace(output=str(args.resume))
 
 
-def _sets_data_dir(path: Path) -> bool:
-    """Return whether the TOML config at ``path`` sets ``data.data-dir`` itself."""
-    try:
-        values = load_toml(path)
-    except ConfigError:
-        return False  # RunConfig.from_toml reports the file's problem next
+def _sets_data_dir(values: dict) -> bool:
+    """Return whether the tables of a TOML run config set ``data.data-dir``."""
     data = values.get("data")
     return isinstance(data, dict) and ("data-dir" in data or "data_dir" in data)
 
@@ -299,9 +295,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Build the run config: defaults, then ``--config``, then flags (or ``--resume``)."""
     if getattr(args, "resume", None) is not None:
         return _resume_config(args)
-    cfg = RunConfig.from_toml(args.config or MAIN_CONFIG)
+    values = load_toml(args.config or MAIN_CONFIG)
+    cfg = RunConfig.from_dict(values)
     data_dir = args.data_dir
-    if data_dir is None and not (args.config and _sets_data_dir(args.config)):
+    if data_dir is None and not _sets_data_dir(values):
         data_dir = os.environ.get("FEDADS_DATA_DIR", DEFAULT_DATA_DIR)
     flag_map = {
         "model": {

@@ -48,14 +48,14 @@ def test_fedprox_sends_mu_and_steps_like_fedavg():
         np.testing.assert_allclose(result[key], current + DELTA[key], rtol=1e-6)
 
 
-def test_fedavgm_first_two_steps_match_formula():
+def test_fedavgm_two_steps_formula():
     eta, beta = 0.8, 0.9
     fedavgm = FedAvgM(learning_rate=eta, momentum=beta)
     first = fedavgm.step(CURRENT, DELTA)
     second_delta = {key: -0.5 * value for key, value in DELTA.items()}
     second = fedavgm.step(first, second_delta)
     for key, current in CURRENT.items():
-        # v_0 = delta_0; v_1 = beta * v_0 + delta_1.
+        # v_0 = delta_0, then v_1 = beta * v_0 + delta_1.
         np.testing.assert_allclose(first[key], current + eta * DELTA[key], rtol=1e-6)
         velocity = beta * DELTA[key] + second_delta[key]
         np.testing.assert_allclose(second[key], first[key] + eta * velocity, rtol=1e-5, atol=1e-7)
@@ -71,7 +71,7 @@ def test_fedavgm_first_step_literal():
     assert second["w"][0] == pytest.approx(1.58, rel=1e-6)
 
 
-def test_fedavgm_without_momentum_at_rate_one_is_fedavg():
+def test_fedavgm_plain_is_fedavg():
     fedavgm = FedAvgM(learning_rate=1.0, momentum=0.0)
     state = CURRENT
     expected = CURRENT
@@ -178,7 +178,7 @@ def test_fedyogi_matches_flower_fedyogi():
         np.testing.assert_allclose(result[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
-def test_fedavgm_matches_flower_fedavgm_over_two_rounds():
+def test_fedavgm_matches_flower():
     ours = FedAvgM(learning_rate=0.7, momentum=0.9)
     theirs = FlowerFedAvgM(server_learning_rate=0.7, server_momentum=0.9)
     state = CURRENT
@@ -208,7 +208,7 @@ def test_fedadagrad_matches_flower_fedadagrad():
         (FedAvgM, {"learning_rate": 1.0, "momentum": 0.9}),
     ],
 )
-def test_optimizer_state_round_trip_continues_identically(optimizer_cls, kwargs):
+def test_state_round_trip_continues(optimizer_cls, kwargs):
     uninterrupted = optimizer_cls(**kwargs)
     state = uninterrupted.step(CURRENT, DELTA)
     saved = {key: value.copy() for key, value in uninterrupted.state_dict().items()}
@@ -250,7 +250,7 @@ def test_fedavgm_rejects_other_strategy_state():
         FedAvgM(learning_rate=1.0, momentum=0.9).load_state_dict({"t": np.asarray(3)})
 
 
-def test_server_momentum_out_of_range_is_config_error():
+def test_server_momentum_out_of_range():
     with pytest.raises(ConfigError, match="server.server-momentum"):
         ServerConfig(strategy="fedavgm", server_momentum=1.0)
 

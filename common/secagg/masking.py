@@ -173,9 +173,9 @@ def add_mask(
 ) -> None:
     """Add (or subtract) :func:`expand_mask` of ``key`` to ``total`` in place.
 
-    The words are added before reduction mod ``2**k``, which gives the same result once the
-    caller reduces the total (:func:`common.secagg.fixed_point.reduce_mod`), one pass
-    instead of two copies per mask.
+    The words are added before reduction mod ``2**k``. Once the caller reduces the total
+    (:func:`common.secagg.fixed_point.reduce_mod`), the result is the same, at one pass
+    per mask instead of two copies.
     """
     accumulate_mod(total, _keystream_words(key, total.size, config), config, negate=negate)
 
