@@ -66,8 +66,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--partitioner",
         choices=("column", "iid", "dirichlet"),
-        help="how records are split among clients (default: the config's; column in the "
-        "main job)",
+        help="how records are split among clients (default: the config's; column in the main job)",
     )
     p.add_argument(
         "--partition-column",
@@ -219,9 +218,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="audit folder to create (default: audits/<timestamp>)")
     p.add_argument("--num-rounds", type=int, help="federated rounds of each run")
     p.add_argument("--num-clients", type=int, help="number of simulated advertisers")
-    p.add_argument(
-        "--max-examples-per-client", type=int, help="cap on each client's own records"
-    )
+    p.add_argument("--max-examples-per-client", type=int, help="cap on each client's own records")
     p.add_argument("--target-epsilon", type=float, help="each client's ε budget in the DP run")
     p.add_argument("--local-epochs", type=float, help="local passes over each client's data")
     p.add_argument("--learning-rate", type=float, help="client AdamW learning rate")
@@ -240,9 +237,10 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--candidates",
         type=int,
-        default=10_000,
+        default=0,
         help="random codes the secret is ranked against; the exposure is at most "
-        "log2(candidates) bits (default: 10000)",
+        "log2(candidates) bits (default: 0, every other code: 999,999 for 6 digits, "
+        "at most 19.93 bits)",
     )
     p.add_argument(
         "--canary-client",
@@ -251,7 +249,10 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
         help="partition index of the advertiser holding the secret (default: 0)",
     )
     p.add_argument(
-        "--score-batch-size", type=int, default=256, help="candidates per forward pass"
+        "--score-batch-size",
+        type=int,
+        default=256,
+        help="nodes of the candidates' token tree per forward pass (default: 256)",
     )
 
 

@@ -6,15 +6,15 @@ voucher code is 482915"``) is planted ``repeats`` times in one advertiser's reco
 same federated run is trained twice, once with the config's DP settings and once without
 DP as a control. Under each global adapter the secret's log-perplexity given its source
 and the format's prefix is ranked among ``candidates`` random codes of the same format
-that were never trained on. The exposure is ``log2(R) - log2(rank)`` for R candidates:
-about 0 when the secret is no more likely than a random code, and at most ``log2(R)``
-when it is the most likely of all.
+that were never trained on; by default every other code of the format, so the rank is
+exact. The exposure is ``log2(R) - log2(rank)`` for R candidates: about 0 when the
+secret is no more likely than a random code, and at most ``log2(R)`` when it is the most
+likely of all. ``simulations.perplexity`` scores the candidates over their token tree,
+which makes a whole space of 10^6 codes a matter of minutes.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import json
 import logging
 import math
@@ -27,21 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from peft import PeftModel
-from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from client.pii import scrub_text
 from client.runtime import scrub_config
 from common.config import ConfigError, RunConfig
-from common.text import encode_example
+from simulations.perplexity import log_perplexities
 
 logger = logging.getLogger(__name__)
 
 AUDIT_JSON = "audit.json"
 AUDIT_MD = "audit.md"
 CODE_FIELD = "{code}"
+# Most candidates one audit scores. 10^6 codes took 2.5 minutes per run on 2 CPU cores,
+# so this cap keeps scoring near half an hour per run.
+MAX_CANDIDATES = 10_000_000
 # Stream label mixed into the run seed, so the secret and candidates do not reuse the
 # random numbers of the data split.
 _AUDIT_STREAM = 0x5EC12E7
@@ -82,30 +81,47 @@ class AuditSettings:
         Format of the secret and of the candidates.
     repeats : int, default 20
         Copies of the canary record planted in the advertiser's partition (k).
-    candidates : int, default 10000
-        Random codes the secret is ranked against (R); all other codes when R is at least
-        the size of the code space minus one. The exposure can't exceed ``log2(R)``.
+    candidates : int, default 0
+        Random codes the secret is ranked against (R). 0, or any R of at least the size of
+        the code space minus one, ranks it against every other code, which makes the rank
+        exact; that is 999,999 codes for 6 digits, scored in minutes on a CPU. The
+        exposure can't exceed ``log2(R)``.
     canary_client : int, default 0
         Partition index of the advertiser whose records contain the canary.
     batch_size : int, default 256
-        Candidates scored per forward pass.
+        Nodes of the candidates' token tree scored per forward pass.
     """
 
     canary: CanaryFormat = CanaryFormat()
     repeats: int = 20
-    candidates: int = 10_000
+    candidates: int = 0
     canary_client: int = 0
     batch_size: int = 256
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
             raise ConfigError(f"invalid repeats {self.repeats}: expected an integer >= 1")
-        if self.candidates < 1:
-            raise ConfigError(f"invalid candidates {self.candidates}: expected an integer >= 1")
+        if self.candidates < 0:
+            raise ConfigError(
+                f"invalid candidates {self.candidates}: expected an integer >= 1, or 0 for "
+                "every other code of the format"
+            )
+        if self.candidate_count > MAX_CANDIDATES:
+            raise ConfigError(
+                f"invalid candidates {self.candidates} for {self.canary.digits} code digits: "
+                f"{self.candidate_count:,} codes would take hours to score; pass at most "
+                f"--candidates {MAX_CANDIDATES} or fewer --code-digits"
+            )
         if self.canary_client < 0:
             raise ConfigError(f"invalid canary client {self.canary_client}: expected >= 0")
         if self.batch_size < 1:
             raise ConfigError(f"invalid batch size {self.batch_size}: expected >= 1")
+
+    @property
+    def candidate_count(self) -> int:
+        """R, the number of codes the secret is ranked against."""
+        others = self.canary.space - 1
+        return others if self.candidates == 0 else min(self.candidates, others)
 
 
 def draw_codes(space: int, candidates: int, rng: np.random.Generator) -> tuple[int, np.ndarray]:
@@ -115,97 +131,6 @@ def draw_codes(space: int, candidates: int, rng: np.random.Generator) -> tuple[i
     others = rng.choice(space - 1, size=count, replace=False)  # codes other than the secret
     others = others + (others >= secret)  # (R,) skip the secret's value
     return secret, others.astype(np.int64)
-
-
-def _cache_keyword(model: torch.nn.Module) -> str:
-    """Keyword of the key/value cache argument: ``cache`` from transformers 5 on."""
-    forward = model.get_base_model().forward if isinstance(model, PeftModel) else model.forward
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-
-
-@torch.no_grad()
-def log_perplexities(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    source: str,
-    texts: Sequence[str],
-    *,
-    batch_size: int = 256,
-    max_length: int = 512,
-    show_progress: bool = False,
-) -> np.ndarray:
-    """Return ``-log2 P`` of each text's tokens after the prefix all texts share.
-
-    Each text is laid out as in training (``common.text.encode_example``) after the prompt
-    of ``source``. Tokens up to the longest common token prefix of all texts have the same
-    probability for every text, so only the tokens after it are scored. The shared prefix
-    runs once, and its key/value cache serves every batch, which makes scoring cost grow
-    with the few differing tokens rather than with the whole prompt. The end-of-text token
-    is not scored: the secret is the text, not where it stops.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(len(texts),)`` log-perplexities in bits; lower means more likely.
-    """
-    sequences = []
-    for text in texts:
-        example = encode_example(tokenizer, source, text, max_length=max_length)
-        sequences.append(list(example.input_ids[:-1]))  # drop the end-of-text token
-    shared = _common_prefix_length(sequences)
-    if shared < 1 or shared == min(len(s) for s in sequences):
-        raise ValueError(
-            "log_perplexities: the texts must share their prompt and differ after it, "
-            "e.g. one format filled with different codes"
-        )
-
-    model.eval()
-    device = next(model.parameters()).device
-    keyword = _cache_keyword(model)
-    # The last shared token predicts the first differing one, so it starts every tail.
-    context = torch.tensor([sequences[0][: shared - 1]], device=device)  # (1, shared-1)
-    output = model(input_ids=context, use_cache=True)
-    prefix_cache = getattr(output, "cache", None) or output.past_key_values
-
-    pad_id = int(tokenizer.pad_token_id or 0)
-    scores = np.empty(len(sequences), dtype=np.float64)
-    starts = range(0, len(sequences), batch_size)
-    for start in tqdm(starts, desc="scoring", unit="batch", disable=not show_progress):
-        tails = [s[shared - 1 :] for s in sequences[start : start + batch_size]]
-        width = max(len(t) for t in tails)
-        input_ids = torch.full((len(tails), width), pad_id, dtype=torch.long, device=device)
-        scored = torch.zeros((len(tails), width - 1), dtype=torch.bool, device=device)
-        for row, tail in enumerate(tails):
-            input_ids[row, : len(tail)] = torch.tensor(tail)
-            scored[row, : len(tail) - 1] = True
-        # Padding sits to the right of each tail, so causal attention keeps it out of the
-        # scored positions, and the mask can stay all ones.
-        attention_mask = torch.ones((len(tails), shared - 1 + width), dtype=torch.long)
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(len(tails))
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask.to(device),
-            use_cache=False,
-            **{keyword: cache},
-        ).logits  # (B, W, V)
-        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, W-1, V)
-        targets = input_ids[:, 1:].unsqueeze(-1)  # (B, W-1, 1)
-        token_log_probs = log_probs.gather(-1, targets).squeeze(-1) * scored  # (B, W-1)
-        nats = -token_log_probs.sum(dim=1)  # (B,)
-        scores[start : start + len(tails)] = nats.cpu().numpy() / math.log(2)
-    return scores
-
-
-def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    first = sequences[0]
-    length = min(len(s) for s in sequences)
-    for sequence in sequences[1:]:
-        position = 0
-        while position < length and sequence[position] == first[position]:
-            position += 1
-        length = position
-    return length
 
 
 def exposure(secret_score: float, candidate_scores: np.ndarray) -> tuple[int, float]:
@@ -251,8 +176,9 @@ def score_run(
         show_progress=True,
     )
     rank, bits = exposure(float(scores[0]), scores[1:])
-    logger.info("audit: %s: rank %s of %s, exposure %.2f bits", run_dir.name, rank,
-                len(scores), bits)
+    logger.info(
+        "audit: %s: rank %s of %s, exposure %.2f bits", run_dir.name, rank, len(scores), bits
+    )
     return {
         "run_dir": str(run_dir),
         "rank": rank,
@@ -304,7 +230,7 @@ def run_audit(cfg: RunConfig, out_dir: str | Path, settings: AuditSettings) -> d
 
     # Draw the secret and the candidates, and check that PII scrubbing leaves them alone.
     rng = np.random.default_rng([cfg.seed, _AUDIT_STREAM])
-    secret_code, candidate_codes = draw_codes(settings.canary.space, settings.candidates, rng)
+    secret_code, candidate_codes = draw_codes(settings.canary.space, settings.candidate_count, rng)
     secret = settings.canary.render(secret_code)
     candidates = [settings.canary.render(int(code)) for code in candidate_codes]
     kinds = cfg.privacy.scrub_kind_set
@@ -336,8 +262,7 @@ def run_audit(cfg: RunConfig, out_dir: str | Path, settings: AuditSettings) -> d
         logger.info("audit: training the %s run", name)
         run_dir = simulate_in_subprocess(run_cfg, out_dir / f"{name}.toml")
         results[name] = {
-            **score_run(run_dir, canary.source, secret, candidates,
-                        batch_size=settings.batch_size),
+            **score_run(run_dir, canary.source, secret, candidates, batch_size=settings.batch_size),
             **_client_privacy(run_dir, client_id),
         }
 
@@ -407,9 +332,13 @@ def render_audit(audit: dict[str, Any]) -> str:
         f"{audit['num_rounds']} rounds, target ε {audit['target_epsilon']:g}) and the same "
         "number of steps, and differ only in DP. ε is the canary client's."
     )
-    caveat = (
-        "NOTE: the exposure is estimated from R sampled candidates, so it says how far the "
-        "secret stands out among them, not its rank among all codes."
-    )
-    lines += ["", same_config, "", caveat, ""]
+    lines += ["", same_config, ""]
+    if audit["candidates"] < audit["code_space"] - 1:
+        scope = (
+            "NOTE: the exposure is estimated from R sampled candidates, so it says how far "
+            "the secret stands out among them, not its rank among all codes."
+        )
+    else:
+        scope = "The secret was ranked against every other code, so its rank is exact."
+    lines += [scope, ""]
     return "\n".join(lines)

@@ -1,29 +1,24 @@
-"""Memorisation audit: canary planting, candidate scoring, exposure and a real DP audit."""
+"""Memorisation audit: canary planting, exposure and a real DP audit."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from common.config import ConfigError, ModelConfig, RunConfig
-from common.model import build_lora_model, load_tokenizer
-from common.text import encode_example
+from common.config import ConfigError, RunConfig
 from simulations.audit import (
     AuditSettings,
     CanaryFormat,
     draw_codes,
     exposure,
-    log_perplexities,
     render_audit,
     run_audit,
 )
 from simulations.dataset import federated_data
-
-SOURCE = "name[The Eagle], eatType[coffee shop], food[French]"
 
 
 def test_canary_format_renders_zero_padded_code():
@@ -41,8 +36,17 @@ def test_canary_format_renders_zero_padded_code():
 def test_audit_settings_validate():
     with pytest.raises(ConfigError, match="repeats 0"):
         AuditSettings(repeats=0)
-    with pytest.raises(ConfigError, match="candidates 0"):
-        AuditSettings(candidates=0)
+    with pytest.raises(ConfigError, match="candidates -1"):
+        AuditSettings(candidates=-1)
+    with pytest.raises(ConfigError, match="9,999,999,999 codes would take hours"):
+        AuditSettings(canary=CanaryFormat(digits=10))
+
+
+def test_audit_ranks_against_the_whole_code_space_by_default():
+    assert AuditSettings().candidate_count == 999_999
+    assert AuditSettings(candidates=5_000).candidate_count == 5_000
+    assert AuditSettings(canary=CanaryFormat(digits=3), candidates=5_000).candidate_count == 999
+    assert AuditSettings(canary=CanaryFormat(digits=10), candidates=50).candidate_count == 50
 
 
 def test_draw_codes_excludes_secret():
@@ -67,40 +71,6 @@ def test_exposure_from_rank():
     assert exposure(6.5, candidates) == (3, pytest.approx(2.0 - math.log2(3)))
     assert exposure(9.0, candidates) == (5, pytest.approx(2.0 - math.log2(5)))
     assert exposure(6.0, candidates)[0] == 2  # a tie ranks below the secret
-
-
-def test_log_perplexities_match_full_forward():
-    torch.manual_seed(0)
-    model = build_lora_model(ModelConfig(), seed=0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)  # a non-trivial adapter
-    tokenizer = load_tokenizer("minilm-l6")
-    fmt = CanaryFormat()
-    texts = [fmt.render(code) for code in (482915, 0, 999999, 123456, 777001)]
-
-    scores = log_perplexities(model, tokenizer, SOURCE, texts, batch_size=2)
-
-    # Reference: one full forward per text, scoring the tokens after the shared prefix.
-    prefix = encode_example(tokenizer, SOURCE, "my voucher code is", max_length=192)
-    shared = len(prefix.input_ids) - 1  # drop the end-of-text token
-    model.eval()
-    for text, score in zip(texts, scores, strict=True):
-        ids = torch.tensor([encode_example(tokenizer, SOURCE, text, max_length=192).input_ids[:-1]])
-        with torch.no_grad():
-            log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-        token_log_probs = log_probs.gather(-1, ids[0, 1:, None])[:, 0]  # (T-1,)
-        expected = -float(token_log_probs[shared - 1 :].sum()) / math.log(2)
-        assert score == pytest.approx(expected, rel=1e-4)
-    assert len(set(scores.tolist())) == len(texts)
-
-
-def test_log_perplexities_need_differing_texts():
-    model = build_lora_model(ModelConfig(), seed=0)
-    tokenizer = load_tokenizer("minilm-l6")
-    with pytest.raises(ValueError, match="differ after it"):
-        log_perplexities(model, tokenizer, SOURCE, ["same text", "same text"])
 
 
 def test_canary_planted_in_one_partition(data_dir):
@@ -161,6 +131,7 @@ def test_render_audit_lists_both_runs():
     }
     audit = {"method": "exposure", "secret": "my voucher code is 401314",
              "secret_format": "my voucher code is {code}", "code_digits": 6, "repeats": 16,
+             "code_space": 1_000_000,
              "canary_client_id": "client-000", "candidates": 1000, "max_exposure": 9.97,
              "num_clients": 2, "num_rounds": 1, "target_epsilon": 8.0,
              "runs": {"dp": run, "control": control}}  # fmt: skip
@@ -169,6 +140,10 @@ def test_render_audit_lists_both_runs():
     assert "| control | off | n/a | n/a | n/a | 0 | 1 | 9.97 | 3.60 | 42.60 |" in text
     assert "planted 16 times in the records of client-000" in text
     assert "log2(R) = 9.97 bits" in text
+    assert "estimated from R sampled candidates" in text
+    whole = render_audit(audit | {"candidates": 999_999, "max_exposure": 19.93})
+    assert "ranked against every other code, so its rank is exact" in whole
+    assert "sampled candidates" not in whole
 
 
 @pytest.mark.slow
@@ -205,3 +180,27 @@ def test_dp_run_exposes_secret_less_than_control(tmp_path, data_dir):
     assert (tmp_path / "audit" / "audit.md").read_text().startswith("# Memorisation audit")
     assert (tmp_path / "audit" / "dp" / "global_adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "audit" / "control" / "privacy.json").is_file()
+
+
+def test_audit_config_is_main_at_audit_scale():
+    configs = Path(__file__).resolve().parents[1] / "simulations" / "configs"
+    main = RunConfig.from_toml(configs / "main.toml").to_dict()
+    audit_cfg = RunConfig.from_toml(configs / "audit.toml")
+    differing = {
+        (section, key)
+        for section, table in audit_cfg.to_dict().items()
+        if isinstance(table, dict)
+        for key, value in table.items()
+        if main[section][key] != value
+    }
+    assert differing == {
+        ("data", "max-examples-per-client"),
+        ("train", "local-epochs"),
+        ("privacy", "planned-rounds"),
+        ("server", "num-rounds"),
+        ("server", "fraction-train"),
+    }
+    # Every advertiser trains in every round, and the noise is calibrated for all of them.
+    assert audit_cfg.server.fraction_train == 1.0
+    assert audit_cfg.privacy.planned_rounds == audit_cfg.server.num_rounds
+    assert audit_cfg.privacy.dp
