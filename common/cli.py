@@ -443,10 +443,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     cfg = config_from_args(run_args)
     check_secure_mode(cfg.privacy)
     audit = run_audit(cfg, out_dir, settings)
-    print(f"{'run':<10}{'epsilon':>10}{'rank':>10}{'exposure':>12}")
+    print(f"{'run':<10}{'epsilon':>10}{'rank':>10}{'exposure':>12}{'extrapolated':>14}")
     for name, run in audit["runs"].items():
         epsilon = "off" if run["epsilon"] is None else f"{run['epsilon']:.2f}"
-        print(f"{name:<10}{epsilon:>10}{run['rank']:>10}{run['exposure']:>12.2f}")
+        print(
+            f"{name:<10}{epsilon:>10}{run['rank']:>10}{run['exposure']:>12.2f}"
+            f"{run['extrapolated_exposure']:>14.2f}"
+        )
     print(f"max exposure with {audit['candidates']} candidates: {audit['max_exposure']:.2f}")
     print(f"written: {out_dir / 'audit.json'} and {out_dir / 'audit.md'}")
     return 0

@@ -41,6 +41,9 @@ CODE_FIELD = "{code}"
 # Most candidates one audit scores. 10^6 codes took 2.5 minutes per run on 2 CPU cores,
 # so this cap keeps scoring near half an hour per run.
 MAX_CANDIDATES = 10_000_000
+# Candidates the skew-normal of the extrapolated exposure is fitted to; more change the fit
+# little and make it slower.
+_FIT_SAMPLE = 100_000
 # Stream label mixed into the run seed, so the secret and candidates do not reuse the
 # random numbers of the data split.
 _AUDIT_STREAM = 0x5EC12E7
@@ -138,10 +141,30 @@ def exposure(secret_score: float, candidate_scores: np.ndarray) -> tuple[int, fl
 
     Candidates with the same log-perplexity as the secret rank below it.
     """
-    # TODO: estimate exposures beyond log2(R) by fitting a distribution to the candidates'
-    # log-perplexities, as Carlini et al. do, instead of ranking among R samples only.
     rank = 1 + int(np.sum(candidate_scores < secret_score))
     return rank, math.log2(len(candidate_scores)) - math.log2(rank)
+
+
+def extrapolated_exposure(
+    secret_score: float, candidate_scores: np.ndarray, *, space: int, seed: int = 0
+) -> float:
+    """Exposure over the whole code space, from a skew-normal fit to the candidates' scores.
+
+    Carlini et al. (2019, section 4.3) model the log-perplexities of all codes as a
+    skew-normal distribution fitted to a sample of them; the secret's exposure is then
+    ``-log2 F(secret_score)`` for the fitted CDF ``F``. Unlike the rank, this can exceed
+    ``log2(R)`` for R sampled candidates, but it is only as good as the fit's lower tail.
+    It is capped at ``log2(space - 1)``, the exposure of a secret ranked first among all
+    other codes. The fit uses at most 100,000 of the candidates, drawn with ``seed``.
+    """
+    from scipy import stats
+
+    sample = np.asarray(candidate_scores, dtype=np.float64)
+    if len(sample) > _FIT_SAMPLE:
+        sample = np.random.default_rng(seed).choice(sample, size=_FIT_SAMPLE, replace=False)
+    shape, loc, scale = stats.skewnorm.fit(sample)
+    log_cdf = float(stats.skewnorm.logcdf(secret_score, shape, loc=loc, scale=scale))
+    return min(-log_cdf / math.log(2), math.log2(space - 1))
 
 
 def _client_privacy(run_dir: Path, client_id: str) -> dict[str, Any]:
@@ -159,9 +182,18 @@ def _client_privacy(run_dir: Path, client_id: str) -> dict[str, Any]:
 
 
 def score_run(
-    run_dir: Path, source: str, secret: str, candidates: Sequence[str], *, batch_size: int
+    run_dir: Path,
+    source: str,
+    secret: str,
+    candidates: Sequence[str],
+    *,
+    space: int,
+    batch_size: int,
 ) -> dict[str, Any]:
-    """Rank ``secret`` among ``candidates`` under the global adapter of ``run_dir``."""
+    """Rank ``secret`` among ``candidates`` under the global adapter of ``run_dir``.
+
+    ``space`` is the number of codes of the format, which caps the extrapolated exposure.
+    """
     from common.inference import load_run_model
 
     model, tokenizer, cfg = load_run_model(run_dir)
@@ -176,13 +208,20 @@ def score_run(
         show_progress=True,
     )
     rank, bits = exposure(float(scores[0]), scores[1:])
+    extrapolated = extrapolated_exposure(float(scores[0]), scores[1:], space=space)
     logger.info(
-        "audit: %s: rank %s of %s, exposure %.2f bits", run_dir.name, rank, len(scores), bits
+        "audit: %s: rank %s of %s, exposure %.2f bits (extrapolated %.2f)",
+        run_dir.name,
+        rank,
+        len(scores),
+        bits,
+        extrapolated,
     )
     return {
         "run_dir": str(run_dir),
         "rank": rank,
         "exposure": bits,
+        "extrapolated_exposure": extrapolated,
         "secret_log_perplexity": float(scores[0]),
         "candidate_log_perplexity_median": float(np.median(scores[1:])),
         "candidate_log_perplexity_min": float(np.min(scores[1:])),
@@ -262,7 +301,14 @@ def run_audit(cfg: RunConfig, out_dir: str | Path, settings: AuditSettings) -> d
         logger.info("audit: training the %s run", name)
         run_dir = simulate_in_subprocess(run_cfg, out_dir / f"{name}.toml")
         results[name] = {
-            **score_run(run_dir, canary.source, secret, candidates, batch_size=settings.batch_size),
+            **score_run(
+                run_dir,
+                canary.source,
+                secret,
+                candidates,
+                space=settings.canary.space,
+                batch_size=settings.batch_size,
+            ),
             **_client_privacy(run_dir, client_id),
         }
 
@@ -305,13 +351,17 @@ def render_audit(audit: dict[str, Any]) -> str:
     definition = (
         "Exposure = log2(R) - log2(rank), for R candidates. About 0 means the secret is no "
         "more likely than a random code. The largest value this audit can show is "
-        f"log2(R) = {audit['max_exposure']:.2f} bits."
+        f"log2(R) = {audit['max_exposure']:.2f} bits. The extrapolated exposure fits a "
+        "skew-normal to the candidates' log-perplexities and reads the secret's tail "
+        "probability from it (Carlini et al., section 4.3); it can exceed log2(R), up to "
+        f"log2 of the {audit['code_space'] - 1} other codes."
     )
     header = (
         "| run | DP | ε | δ | accountant | noise multiplier | rank | exposure (bits) "
-        "| secret log-perplexity | median candidate log-perplexity |"
+        "| extrapolated exposure (bits) | secret log-perplexity "
+        "| median candidate log-perplexity |"
     )
-    lines = ["# Memorisation audit", "", method, "", definition, "", header, "|---" * 10 + "|"]
+    lines = ["# Memorisation audit", "", method, "", definition, "", header, "|---" * 11 + "|"]
     for name in ("dp", "control"):
         run = audit["runs"][name]
         cells = [
@@ -323,6 +373,7 @@ def render_audit(audit: dict[str, Any]) -> str:
             _fmt(run["noise_multiplier"]),
             str(run["rank"]),
             f"{run['exposure']:.2f}",
+            _fmt(run.get("extrapolated_exposure"), ".2f"),
             f"{run['secret_log_perplexity']:.2f}",
             f"{run['candidate_log_perplexity_median']:.2f}",
         ]

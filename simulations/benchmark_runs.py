@@ -95,6 +95,7 @@ def audit_entries(
             "bits": run["exposure"],
             "max_bits": audit["max_exposure"],
             "rank": run["rank"],
+            "extrapolated_bits": run["extrapolated_exposure"],
             "candidates": audit["candidates"],
             "epsilon_spent": run["epsilon"],
             "target_epsilon": row.epsilon,

@@ -70,13 +70,18 @@ def format_table(results: Mapping[str, Any]) -> str:
     if results.get("exposure"):
         lines += [
             "",
-            "| setup | exposure (bits) | max (bits) | rank | ε spent | config diff |",
-            "|---|---|---|---|---|---|",
+            (
+                "| setup | exposure (bits) | max (bits) | rank | extrapolated (bits) | ε spent "
+                "| config diff |"
+            ),
+            "|---|---|---|---|---|---|---|",
         ]
         for name, entry in results["exposure"].items():
             spent = entry["epsilon_spent"]
+            extrapolated = entry.get("extrapolated_bits")
             lines.append(
                 f"| {name} | {entry['bits']:.2f} | {entry['max_bits']:.2f} | {entry['rank']} | "
+                f"{'n/a' if extrapolated is None else f'{extrapolated:.2f}'} | "
                 f"{'off' if spent is None else f'{spent:.2f}'} | {_cell(entry['config_diff'])} |"
             )
     if "step_time" in results:

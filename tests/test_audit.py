@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from common.config import ConfigError, RunConfig
 from simulations.audit import (
@@ -15,6 +16,7 @@ from simulations.audit import (
     CanaryFormat,
     draw_codes,
     exposure,
+    extrapolated_exposure,
     render_audit,
     run_audit,
 )
@@ -73,6 +75,23 @@ def test_exposure_from_rank():
     assert exposure(6.0, candidates)[0] == 2  # a tie ranks below the secret
 
 
+def test_extrapolated_exposure_reads_the_fitted_tail():
+    # Log-perplexities drawn from a known skew-normal: the secret's true exposure over the
+    # whole space is -log2 of that distribution's CDF at its score.
+    shape, loc, scale = 3.0, 45.0, 6.0
+    scores = stats.skewnorm.rvs(shape, loc=loc, scale=scale, size=20_000, random_state=0)
+    for tail, tolerance in ((0.5, 0.05), (1e-2, 0.15), (1e-4, 0.5)):
+        secret = float(stats.skewnorm.ppf(tail, shape, loc=loc, scale=scale))
+        estimate = extrapolated_exposure(secret, scores, space=1_000_000)
+        assert estimate == pytest.approx(-math.log2(tail), abs=tolerance)
+    # Beyond every sampled candidate the rank stops at log2(R); the fit goes on, up to the
+    # exposure of the most likely of all 999,999 other codes.
+    far = float(stats.skewnorm.ppf(1e-5, shape, loc=loc, scale=scale))
+    assert exposure(far, scores)[1] == pytest.approx(math.log2(20_000))
+    assert extrapolated_exposure(far, scores, space=1_000_000) > math.log2(20_000) + 2
+    assert extrapolated_exposure(0.0, scores, space=1_000_000) == pytest.approx(math.log2(999_999))
+
+
 def test_canary_planted_in_one_partition(data_dir):
     base = RunConfig().replace(
         data={"data_dir": str(data_dir), "num_clients": 3, "max_examples_per_client": 10}
@@ -116,6 +135,7 @@ def test_render_audit_lists_both_runs():
         "noise_multiplier": 0.8,
         "rank": 190,
         "exposure": 2.4,
+        "extrapolated_exposure": 2.31,
         "secret_log_perplexity": 38.7,
         "candidate_log_perplexity_median": 42.6,
     }
@@ -127,6 +147,7 @@ def test_render_audit_lists_both_runs():
         "noise_multiplier": 0.0,
         "rank": 1,
         "exposure": 9.97,
+        "extrapolated_exposure": 19.93,
         "secret_log_perplexity": 3.6,
     }
     audit = {"method": "exposure", "secret": "my voucher code is 401314",
@@ -136,8 +157,8 @@ def test_render_audit_lists_both_runs():
              "num_clients": 2, "num_rounds": 1, "target_epsilon": 8.0,
              "runs": {"dp": run, "control": control}}  # fmt: skip
     text = render_audit(audit)
-    assert "| DP | on | 7.99 | 1.0e-05 | prv | 0.8 | 190 | 2.40 | 38.70 | 42.60 |" in text
-    assert "| control | off | n/a | n/a | n/a | 0 | 1 | 9.97 | 3.60 | 42.60 |" in text
+    assert "| DP | on | 7.99 | 1.0e-05 | prv | 0.8 | 190 | 2.40 | 2.31 | 38.70 | 42.60 |" in text
+    assert "| control | off | n/a | n/a | n/a | 0 | 1 | 9.97 | 19.93 | 3.60 | 42.60 |" in text
     assert "planted 16 times in the records of client-000" in text
     assert "log2(R) = 9.97 bits" in text
     assert "estimated from R sampled candidates" in text
@@ -166,6 +187,7 @@ def test_dp_run_exposes_secret_less_than_control(tmp_path, data_dir):
     assert control["rank"] <= 3
     assert control["exposure"] > audit["max_exposure"] - 1.6
     assert dp["exposure"] < control["exposure"] - 4.0
+    assert dp["extrapolated_exposure"] < control["extrapolated_exposure"] - 4.0
     assert control["secret_log_perplexity"] < control["candidate_log_perplexity_median"] - 10
     assert dp["dp_enabled"] is True
     assert control["dp_enabled"] is False

@@ -234,7 +234,13 @@ def fake_scores(row, base, output, *, eval_limit):
 
 
 def fake_audit(row, base, output, *, candidates):
-    entry = {"bits": 1.5, "max_bits": 3.0, "rank": 2, "epsilon_spent": 7.9}
+    entry = {
+        "bits": 1.5,
+        "max_bits": 3.0,
+        "rank": 2,
+        "extrapolated_bits": 4.5,
+        "epsilon_spent": 7.9,
+    }
     return {
         f"exposure {row.epsilon:g}": {**entry, "config_diff": row.config_diff(base)},
         f"control {row.epsilon:g}": {
@@ -283,7 +289,8 @@ def test_main_records_scale_and_table(tmp_path, data_dir, monkeypatch, capsys):
     )
     assert "| FedAvg, DP ε=8 | 10.00 | 30.00 | 0.500 | (base config) |" in table
     assert "attacked-protected / clean 0.750" in table
-    assert "| control 3 | 3.00 | 3.00 | 2 | off | `privacy.dp = false` |" in table
+    assert "| control 3 | 3.00 | 3.00 | 2 | 4.50 | off | `privacy.dp = false` |" in table
+    assert "| exposure 8 | 1.50 | 3.00 | 2 | 4.50 | 7.90 |" in table
     assert "server.num-rounds = 1" in table
 
     # Another scale must not extend the same results file.
