@@ -277,7 +277,18 @@ def train_round(msg: Message, context: Context, cfg: RunConfig) -> TrainOutcome:
                 server_round,
             )
             return TrainOutcome(client_id, rank, wire_dtype, ledger, release, replayed=True)
-        event = PrivacyEvent(noise_multiplier, float(ledger.sample_rate or sample_rate), steps)
+        # The check uses this round's own q, the one the ledger will record: a client whose
+        # record count fell since σ was calibrated samples at a higher rate than planned.
+        if ledger.sample_rate is not None and sample_rate > ledger.sample_rate:
+            logger.warning(
+                "train: client %s now samples at rate %.4g, above the %.4g its noise was "
+                "calibrated for (fewer records than when its ledger began): epsilon grows "
+                "faster than planned",
+                client_id,
+                sample_rate,
+                ledger.sample_rate,
+            )
+        event = PrivacyEvent(noise_multiplier, sample_rate, steps)
         try:
             ledger.check_budget(event)
         except BudgetExceeded as err:
