@@ -6,7 +6,9 @@ adapter. Training again would release a second noisy update of the same records,
 the ledger would rightly count a second event. Re-sending the update already released
 is post-processing of a released value, so it costs no privacy: the client stores each
 released update next to its ledger, with a digest of the message it replied to, and
-re-sends it when the same round arrives with the same digest.
+re-sends it when the same round arrives with the same digest. Under secure aggregation
+the client declines such a rerun instead (:mod:`client.secagg`): the same update in two
+sessions with different survivors would give the server two sums to subtract.
 
 The update is stored only after its privacy event is in the ledger, so a stored update
 is always counted. The one window that is not covered is a crash between the two writes:

@@ -6,7 +6,8 @@ The server drives four message exchanges per round (:mod:`server.secure_round`),
 1. ``secagg_setup``: store the session, reply with two fresh X25519 public keys;
 2. ``secagg_share_keys``: reply with encrypted Shamir shares of this client's secrets;
 3. ``secagg_masked_input``: train (or decline), then reply with the masked update and
-   the usual metrics;
+   the usual metrics. A rerun of a round this client already trained is declined rather
+   than answered with the stored update, so no update is masked in two sessions;
 4. ``secagg_unmask``: reply with the shares that remove the survivors' masks.
 
 Between stages the session state, private keys included, lives in the node's
@@ -22,6 +23,7 @@ adaptive clipping, its noised bit) before encoding (:mod:`client.distributed_dp`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -130,6 +132,8 @@ def handle_masked_input(
         # Checked before training, so a mismatched session costs no privacy budget.
         shares = round_noise_shares(cfg, config, client.session)
     outcome = train(msg, context, cfg)
+    if outcome.replayed:
+        outcome = _decline_replay(outcome, int(config["server-round"]))
     if outcome.release is None:
         _clear(context)
         return Message(content=decline_content(outcome), reply_to=msg)
@@ -178,6 +182,24 @@ def handle_masked_input(
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _decline_replay(outcome: TrainOutcome, server_round: int) -> TrainOutcome:
+    """Turn a re-sent update into a decline: one update enters one session at most.
+
+    A rerun round re-sends the stored update (:mod:`client.release`). Masked again in a
+    new session whose survivors differ from the first one's, it would let a server that
+    kept both sums subtract them and read one client's update. The round was counted in
+    the ledger when it was first trained, so sitting the rerun out costs no budget.
+    """
+    reason = (
+        f"client {outcome.client_id}: round {server_round} was already trained and its "
+        "update may have entered an earlier secure aggregation session; masking it again "
+        "in a new session could expose it to a server that subtracts the two sums, so "
+        "this client sits the rerun out"
+    )
+    logger.warning("masked_input: %s", reason)
+    return dataclasses.replace(outcome, release=None, replayed=False, decline_reason=reason)
 
 
 def handle_unmask(msg: Message, context: Context, cfg: RunConfig) -> Message:

@@ -53,6 +53,9 @@ class LocalGrid(Grid):
         Partition ids that never reply to train messages (lost or too slow).
     stop_after_round : int or None
         Raise :class:`ServerStopped` once the clients replied to this round.
+    stop_after_action : str or None
+        With ``stop_after_round``, stop only after the replies to this round's messages of
+        this secure aggregation action (e.g. ``records.MASKED_INPUT_ACTION``).
     node_configs : mapping of int to dict
         Extra node config entries by partition id (e.g. ``lora-rank``).
     dropouts : mapping of int to str
@@ -70,6 +73,7 @@ class LocalGrid(Grid):
         node_id_offset: int = 1000,
         silent: Iterable[int] = (),
         stop_after_round: int | None = None,
+        stop_after_action: str | None = None,
         on_message: Callable[[Message], None] | None = None,
         node_configs: Mapping[int, dict] | None = None,
         dropouts: Mapping[int, str] | None = None,
@@ -81,6 +85,7 @@ class LocalGrid(Grid):
         self.client_app = client_app
         self.silent = set(silent)
         self.stop_after_round = stop_after_round
+        self.stop_after_action = stop_after_action
         self.on_message = on_message
         self.partitions = {
             node_id_offset + 7919 * (num_nodes - pid): pid for pid in range(num_nodes)
@@ -156,7 +161,10 @@ class LocalGrid(Grid):
             except Exception as err:  # noqa: BLE001 - Flower turns any ClientApp error into an error reply
                 replies.append(Message(Error(code=0, reason=repr(err)), reply_to=message))
         self.replies.extend(replies)
-        if server_round is not None and server_round == self.stop_after_round:
+        action_done = self.stop_after_action is None or any(
+            m.metadata.message_type == f"train.{self.stop_after_action}" for m in messages
+        )
+        if server_round is not None and server_round == self.stop_after_round and action_done:
             raise ServerStopped(f"server stopped after round {server_round} replies")
         return replies
 

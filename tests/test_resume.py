@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ from local_grid import LocalGrid, ServerStopped, synthetic_client_app
 
 from client.app import build_client_app
 from common.config import RunConfig
+from common.secagg import records
 from server.checkpoint import load_checkpoint
 from server.loop import run_rounds
 from simulations.run import prepare_run
@@ -165,3 +167,55 @@ def test_dp_clients_resend_counted_round_after_restart(tmp_path, data_dir):
         assert privacy["clients"][client_id]["rounds_joined"] == [1, 2]
         assert privacy["clients"][client_id]["epsilon"] == pytest.approx(ledger["epsilon"])
     shutil.rmtree(straight_dir)
+
+
+@pytest.mark.slow
+def test_secure_aggregation_rerun_is_declined_not_replayed(tmp_path, data_dir, caplog):
+    """A stored update is never masked in a second session: the rerun round is declined."""
+    run_dir = tmp_path / "run"
+    cfg = prepare_run(
+        RunConfig.from_dict(
+            {
+                "seed": 0,
+                "output": str(run_dir),
+                "data": {
+                    "data-dir": str(data_dir),
+                    "num-clients": 3,
+                    "max-examples-per-client": 16,
+                },
+                "train": {"batch-size": 8, "local-epochs": 0.5},
+                "privacy": {"accountant": "rdp"},
+                "server": {
+                    "num-rounds": 2,
+                    "eval-every": 0,
+                    "secure-aggregation": True,
+                    "norm-bound": 20.0,
+                },
+            }
+        )
+    )
+    # Stop once round 2's masked inputs are in: each client trained, counted and stored it.
+    with pytest.raises(ServerStopped):
+        run_rounds(
+            LocalGrid(
+                build_client_app(cfg),
+                3,
+                stop_after_round=2,
+                stop_after_action=records.MASKED_INPUT_ACTION,
+            ),
+            cfg,
+            run_dir,
+        )
+    with caplog.at_level(logging.WARNING):
+        run_rounds(LocalGrid(build_client_app(cfg), 3, node_id_offset=4242), cfg, run_dir)
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2]
+    assert rows[0]["num_trained"] == 3
+    assert rows[1]["num_declined"] == 3
+    assert rows[1]["num_trained"] == rows[1]["num_replayed"] == 0
+    assert "masking it again in a new session could expose it" in caplog.text
+    for client_id in ("client-000", "client-001", "client-002"):
+        ledger = json.loads((run_dir / "ledgers" / f"{client_id}.json").read_text())
+        assert ledger["rounds_joined"] == [1, 2]  # round 2 counted once, when it was trained
+        assert len(ledger["events"]) == 2
