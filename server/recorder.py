@@ -157,7 +157,9 @@ def not_protected(cfg: RunConfig | None = None) -> list[str]:
         items.append(
             f"The initial adapter was fine-tuned without DP on the public records of "
             f"{cfg.warm_start.file}: the model can repeat their text, and they get no "
-            "protection. No advertiser record took part in that step."
+            "protection. The server reads no advertiser record: `fedads simulate` refuses a "
+            "file that shares a record with an advertiser's data, and other launches rely on "
+            "the operator choosing a public file."
         )
     if cfg.server.fraction_evaluate > 0:
         items.append(

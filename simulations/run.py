@@ -11,12 +11,13 @@ from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from client.app import build_client_app
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.data import AdRecord
 from common.model import load_tokenizer
 from common.text import encode_records
 from server.app import build_server_app
 from server.checkpoint import drop_rounds_after, load_checkpoint
+from server.warm_start import load_public_records, public_data_path
 from simulations.dataset import FederatedData, federated_data
 from simulations.report import load_metrics, write_report
 
@@ -56,6 +57,27 @@ def check_token_lengths(cfg: RunConfig, data: FederatedData) -> None:
     for partition in data.partitions:
         encode_records(tokenizer, partition, max_length=cfg.model.max_length)
     encode_records(tokenizer, data.test, max_length=cfg.model.max_length)
+
+
+def check_warm_start_disjoint(cfg: RunConfig, data: FederatedData) -> None:
+    """Fail if the public warm-start file holds a record of an advertiser's partition.
+
+    The warm start trains without DP, so an advertiser record in its file would be trained
+    on with no protection at all. Records are compared as loaded, by (source, text).
+    """
+    if not cfg.warm_start.enabled:
+        return
+    path = public_data_path(cfg)
+    public = {(r.source, r.text) for r in load_public_records(cfg, path)}
+    shared = sum(
+        1 for partition in data.partitions for r in partition if (r.source, r.text) in public
+    )
+    if shared:
+        raise ConfigError(
+            f"warm-start.file = {cfg.warm_start.file!r}: {shared} of the advertisers' records "
+            f"are also in {path}, and the warm start trains on them without DP. Use a public "
+            'file disjoint from the advertisers\' data, or warm-start.file = "" to skip it'
+        )
 
 
 def simulate(
@@ -110,6 +132,7 @@ def simulate(
         )
     data = federated_data(cfg.data, cfg.seed)
     check_token_lengths(cfg, data)
+    check_warm_start_disjoint(cfg, data)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")

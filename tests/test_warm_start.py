@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,9 @@ from common.config import ConfigError, RunConfig
 from common.model import build_lora_model
 from server import warm_start as ws
 from server.recorder import RunRecorder, not_protected
+from simulations.dataset import federated_data
 from simulations.report import _privacy_settings
+from simulations.run import check_warm_start_disjoint
 
 
 def _cfg(data_dir, **warm) -> RunConfig:
@@ -154,3 +158,18 @@ def test_privacy_report_states_the_warm_start(tmp_path, data_dir):
     assert "public warm start (no DP): 24 records of `trainset_subset.csv`, 3 steps" in lines
     off = RunRecorder(tmp_path / "off", RunConfig()).privacy_summary()
     assert "public warm start (no DP): off" in "\n".join(_privacy_settings(off))
+
+
+def test_warm_start_file_must_not_hold_advertiser_records(data_dir):
+    configs = Path(__file__).resolve().parents[1] / "simulations" / "configs"
+    main = RunConfig.from_toml(configs / "main.toml")
+    cfg = main.replace(data={"data_dir": str(data_dir)})
+    data = federated_data(cfg.data, cfg.seed)
+    check_warm_start_disjoint(cfg, data)  # the public training-set subset: no shared record
+
+    # The advertisers' own file as the "public" one: every advertiser record is in it.
+    leaking = cfg.replace(warm_start={"file": "devset.csv"})
+    total = sum(data.partitions.sizes)
+    with pytest.raises(ConfigError, match=f"{total} of the advertisers' records"):
+        check_warm_start_disjoint(leaking, data)
+    check_warm_start_disjoint(cfg.replace(warm_start={"file": ""}), data)
