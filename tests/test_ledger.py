@@ -110,3 +110,35 @@ def test_ledger_keeps_its_accountant(tmp_path, caplog):
 
     reopened.record_round(2, event)
     assert json.loads(path.read_text())["accountant"] == "rdp"
+
+
+def test_failed_write_leaves_the_previous_ledger_whole(tmp_path, monkeypatch):
+    path = tmp_path / "c1.json"
+    ledger = _open(path)
+    ledger.record_round(1, PrivacyEvent(1.0, 0.1, 5))
+    before = path.read_bytes()
+
+    # A crash after the new content is written and synced, before the rename.
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr("common.atomic.os.replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ledger.record_round(2, PrivacyEvent(1.0, 0.1, 5))
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c1.json"]  # no temporary file left
+    reopened = _open(path)
+    assert reopened.rounds_joined == [1]
+    assert reopened.steps == 5
+
+
+def test_ledger_of_another_version_is_refused(tmp_path):
+    path = tmp_path / "c1.json"
+    _open(path).record_round(1, PrivacyEvent(1.0, 0.1, 5))
+    data = json.loads(path.read_text())
+    data["version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="has version 99, expected 1: upgrade fedads"):
+        _open(path)

@@ -94,6 +94,33 @@ def test_secure_run_matches_plain_fedavg(tmp_path):
     assert_within(secure, {k: v.astype(np.float64) for k, v in plain.items()}, bound)
 
 
+def scaled_by_100(update: dict, received: dict) -> dict:
+    """Hostile behaviour: the honest step (norm about 4.1) times 100."""
+    return {name: received[name] + 100 * (update[name] - received[name]) for name in update}
+
+
+def test_client_clips_its_own_update_under_secure_aggregation(tmp_path):
+    # The server cannot bound a masked update, so each client scales its own delta to
+    # server.norm-bound before masking: the secure mean equals the plain run in which the
+    # server bounded every update, and not the unbounded mean.
+    behaviours = {2: scaled_by_100}
+    runs = {}
+    for name, server in (
+        ("secure", {}),
+        ("bounded", {"secure-aggregation": False}),
+        ("unbounded", {"secure-aggregation": False, "norm-bound": 0.0}),
+    ):
+        cfg = secure_config(tmp_path / name, **{"num-rounds": 1, **server})
+        grid = LocalGrid(synthetic_client_app(cfg, behaviours=behaviours), 5)
+        runs[name] = run_rounds(grid, cfg, tmp_path / name)
+
+    (row,) = metrics(tmp_path / "secure")
+    bounded = {k: v.astype(np.float64) for k, v in runs["bounded"].items()}
+    assert_within(runs["secure"], bounded, row["secagg_error_bound"])
+    gap = max(float(np.max(np.abs(runs["unbounded"][k] - runs["bounded"][k]))) for k in bounded)
+    assert gap > 0.01  # the hostile step would have moved the mean far more
+
+
 def test_server_never_holds_unmasked_update(tmp_path, monkeypatch):
     def no_plain_aggregation(self, updates, *, min_updates):
         raise AssertionError("the plain aggregation path ran under secure aggregation")
