@@ -203,6 +203,21 @@ def test_dp_run_exposes_secret_less_than_control(tmp_path, data_dir):
     assert (tmp_path / "audit" / "dp" / "global_adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "audit" / "control" / "privacy.json").is_file()
 
+    # The two runs differ only in DP (and in where they write): same data, rounds, steps.
+    configs = {
+        name: RunConfig.from_toml(tmp_path / "audit" / name / "config.toml").to_dict()
+        for name in ("dp", "control")
+    }
+    differing = {
+        (section, key)
+        for section, table in configs["dp"].items()
+        if isinstance(table, dict)
+        for key, value in table.items()
+        if configs["control"][section][key] != value
+    }
+    assert differing == {("privacy", "dp"), ("privacy", "ledger-dir")}
+    assert configs["dp"]["data"]["canary-secret"] == written["secret"]
+
 
 def test_audit_config_is_main_at_audit_scale():
     configs = Path(__file__).resolve().parents[1] / "simulations" / "configs"

@@ -278,3 +278,6 @@ def test_privacy_file_states_secure_aggregation(tmp_path):
     )
     assert settings["client_clip_norm"] == NORM_BOUND
     assert not any("used no secure aggregation" in item for item in privacy["not_protected"])
+    not_protected = " ".join(privacy["not_protected"])
+    assert "hides each client's update from an honest-but-curious server only" in not_protected
+    assert "The set of clients that take part in each round" in not_protected
