@@ -219,3 +219,46 @@ def test_secure_aggregation_rerun_is_declined_not_replayed(tmp_path, data_dir, c
         ledger = json.loads((run_dir / "ledgers" / f"{client_id}.json").read_text())
         assert ledger["rounds_joined"] == [1, 2]  # round 2 counted once, when it was trained
         assert len(ledger["events"]) == 2
+
+
+def test_secure_round_failing_before_training_costs_no_budget(tmp_path, data_dir, caplog):
+    """Clients train in the masked-input stage, so a round lost at key exchange spends nothing."""
+    run_dir = tmp_path / "run"
+    cfg = prepare_run(
+        RunConfig.from_dict(
+            {
+                "seed": 0,
+                "output": str(run_dir),
+                "data": {
+                    "data-dir": str(data_dir),
+                    "num-clients": 3,
+                    "max-examples-per-client": 16,
+                },
+                "train": {"batch-size": 8, "local-epochs": 0.5},
+                "privacy": {"accountant": "rdp"},
+                "server": {
+                    "num-rounds": 1,
+                    "eval-every": 0,
+                    "secure-aggregation": True,
+                    "norm-bound": 20.0,
+                },
+            }
+        )
+    )
+    # Two of 3 clients vanish before sharing their keys: below the threshold of 2 holders.
+    grid = LocalGrid(
+        build_client_app(cfg),
+        3,
+        dropouts={0: records.SHARE_KEYS_ACTION, 1: records.SHARE_KEYS_ACTION},
+    )
+    with caplog.at_level(logging.ERROR):
+        run_rounds(grid, cfg, run_dir)
+
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert row["aggregated"] is False
+    assert row["num_trained"] == 0
+    assert "round 1 failed at stage" in caplog.text
+    for client_id in ("client-000", "client-001", "client-002"):
+        ledger_file = run_dir / "ledgers" / f"{client_id}.json"
+        if ledger_file.exists():
+            assert json.loads(ledger_file.read_text())["events"] == []
