@@ -341,12 +341,18 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
 
 def render_audit(audit: dict[str, Any]) -> str:
     """Markdown page of an audit result (the content of ``audit.json``)."""
+    whole_space = audit["candidates"] >= audit["code_space"] - 1
+    candidates = (
+        f"all {audit['candidates']:,} other codes of the format"
+        if whole_space
+        else f"{audit['candidates']:,} random codes of the same format"
+    )
     method = (
         f"Method: {audit['method']}. The secret `{audit['secret']}` (format "
         f"`{audit['secret_format']}`, {audit['code_digits']} random digits) was planted "
         f"{audit['repeats']} times in the records of {audit['canary_client_id']}. Its "
-        f"log-perplexity under each global adapter was ranked among {audit['candidates']} "
-        "random codes of the same format that were never trained on."
+        f"log-perplexity under each global adapter was ranked among {candidates}, "
+        "none of which was trained on."
     )
     definition = (
         "Exposure = log2(R) - log2(rank), for R candidates. About 0 means the secret is no "
@@ -384,7 +390,7 @@ def render_audit(audit: dict[str, Any]) -> str:
         "number of steps, and differ only in DP. ε is the canary client's."
     )
     lines += ["", same_config, ""]
-    if audit["candidates"] < audit["code_space"] - 1:
+    if not whole_space:
         scope = (
             "NOTE: the exposure is estimated from R sampled candidates, so it says how far "
             "the secret stands out among them, not its rank among all codes."

@@ -162,7 +162,9 @@ def test_render_audit_lists_both_runs():
     assert "planted 16 times in the records of client-000" in text
     assert "log2(R) = 9.97 bits" in text
     assert "estimated from R sampled candidates" in text
+    assert "ranked among 1,000 random codes of the same format, none of which" in text
     whole = render_audit(audit | {"candidates": 999_999, "max_exposure": 19.93})
+    assert "ranked among all 999,999 other codes of the format, none of which" in whole
     assert "ranked against every other code, so its rank is exact" in whole
     assert "sampled candidates" not in whole
 
