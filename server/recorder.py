@@ -270,7 +270,9 @@ class RunRecorder:
             "delta": privacy.target_delta,
             "clipping_norm": privacy.clipping_norm,
             "num_rounds": self.cfg.server.num_rounds,
-            "secure_mode": privacy.dp and privacy.secure_mode,
+            # Secure mode governs the noise of both units: the clients' DP-SGD noise and
+            # the advertiser-level noise, whether the server or the clients add it.
+            "secure_mode": (privacy.dp or self.cfg.advertiser_dp.enabled) and privacy.secure_mode,
             "production": privacy.production,
             "secure_aggregation": server.secure_aggregation,
             "secure_aggregation_settings": self._secure_aggregation_settings(),

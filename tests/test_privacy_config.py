@@ -123,7 +123,7 @@ def test_production_config_yields_secure_mode(tmp_path):
 def test_secure_mode_check_passes_with_os_csprng():
     check_secure_mode(PrivacyConfig(production=True))
     check_secure_mode(PrivacyConfig())  # secure mode off: nothing to check
-    check_secure_mode(PrivacyConfig(dp=False, production=True))  # no DP noise at all
+    check_secure_mode(PrivacyConfig(dp=False, production=True))
 
 
 def _fail_urandom(monkeypatch) -> None:
@@ -140,6 +140,9 @@ def test_secure_mode_check_names_failed_urandom(monkeypatch):
         check_secure_mode(PrivacyConfig(production=True))
     with pytest.raises(RuntimeError, match="privacy.secure-mode = true needs"):
         check_secure_mode(PrivacyConfig(secure_mode=True))
+    # Advertiser-level noise draws from the same generator when record-level DP is off.
+    with pytest.raises(RuntimeError, match="privacy.production = true needs"):
+        check_secure_mode(PrivacyConfig(dp=False, production=True))
     check_secure_mode(PrivacyConfig())
 
 

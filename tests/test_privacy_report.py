@@ -166,3 +166,17 @@ def test_unknown_accountant_index_reads_as_run_accountant(tmp_path, index):
     recorder = RunRecorder(tmp_path, RunConfig())
     recorder.update_client("adv-a", 1, _client_metrics(1.0, accountant_id=index, secure_mode=0))
     assert recorder.privacy_summary()["clients"]["adv-a"]["accountant"] == "prv"
+
+
+def test_secure_mode_is_reported_for_advertiser_level_noise_alone(tmp_path):
+    # Record-level DP off, advertiser-level DP on: the server's noise follows production.
+    for production in (True, False):
+        cfg = RunConfig().replace(
+            privacy={"dp": False, "production": production},
+            advertiser_dp={"enabled": True, "target_epsilon": 8.0},
+            server={"weighting": "uniform"},
+        )
+        privacy = _record_run(tmp_path / str(production), cfg)
+        assert privacy["secure_mode"] is production
+        not_protected = " ".join(privacy["not_protected"])
+        assert ("Secure mode was off" in not_protected) is not production
