@@ -69,8 +69,9 @@ def not_protected(cfg: RunConfig | None = None) -> list[str]:
             "sampled client receives it."
         ),
         (
-            "Per-client training metrics sent with each reply (loss, ε spent) are visible to "
-            "the server. The training loss is computed on private records without noise."
+            "Per-client metrics sent with each reply (training loss, steps, training time, "
+            "ε spent and the client's DP settings) are visible to the server. The training "
+            "loss is computed on private records without noise."
         ),
     ]
     if cfg is None:

@@ -82,7 +82,7 @@ def test_privacy_json_fields(tmp_path):
     # What the server sees in every run, whatever the settings.
     assert "The set of clients that take part in each round" in not_protected
     assert "aggregate adapter of every round is visible to all participants" in not_protected
-    assert "(loss, ε spent) are visible to the server" in not_protected
+    assert "(training loss, steps, training time, ε spent" in not_protected
     assert "Secure mode was off" in not_protected
     assert "covers one record" in not_protected
     assert "matches patterns only" in not_protected
