@@ -177,3 +177,39 @@ def test_simulation_with_record_and_advertiser_dp(tmp_path, data_dir):
     report = (run_dir / "report.md").read_text()
     assert "- unit: `record`, `advertiser`" in report
     assert "### Advertiser-level DP" in report
+
+
+def test_round_without_enough_updates_is_not_counted(tmp_path, caplog):
+    # 3 of 5 clients sampled per round; in round 2 two of them stay silent, so one update
+    # arrives, below min-train-nodes = 2: the adapter is kept and no noised output leaves.
+    cfg = loop_config(tmp_path)
+    grid = LocalGrid(synthetic_client_app(cfg), 5)
+    silenced: set[int] = set()
+
+    def silence_in_round_2(message) -> None:
+        if message.metadata.message_type != "train":
+            return
+        if int(message.content["config"]["server-round"]) == 2 and len(silenced) < 2:
+            silenced.add(grid.partitions[message.metadata.dst_node_id])  # first two sampled
+        grid.silent = silenced if int(message.content["config"]["server-round"]) == 2 else set()
+
+    grid.on_message = silence_in_round_2
+    with caplog.at_level("WARNING"):
+        run_rounds(grid, cfg, tmp_path)
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["aggregated"] for row in rows] == [True, False, True]
+    assert rows[1]["num_accepted"] == 1
+    advertiser = json.loads((tmp_path / "privacy.json").read_text())["advertiser"]
+    assert advertiser["rounds_accounted"] == 2
+    assert [entry["server_round"] for entry in advertiser["rounds"]] == [1, 3]
+    assert rows[1]["advertiser_epsilon"] == pytest.approx(rows[0]["advertiser_epsilon"])
+    assert rows[2]["advertiser_epsilon"] > rows[1]["advertiser_epsilon"]
+
+
+def test_sampling_above_the_planned_rate_warns(tmp_path, caplog):
+    # Planned for 5 advertisers, but only 3 nodes are connected: 3 of 3 sampled is rate 1.
+    cfg = loop_config(tmp_path).replace(server={"num_rounds": 1, "min_available_nodes": 2})
+    with caplog.at_level("WARNING"):
+        run_rounds(LocalGrid(synthetic_client_app(cfg), 3), cfg, tmp_path)
+    assert "above the planned 0.6 from data.num-clients: epsilon grows faster" in caplog.text
