@@ -87,7 +87,7 @@ class AuditSettings:
     candidates : int, default 0
         Random codes the secret is ranked against (R). 0, or any R of at least the size of
         the code space minus one, ranks it against every other code, which makes the rank
-        exact; that is 999,999 codes for 6 digits, scored in minutes on a CPU. The
+        exact. For 6 digits that is 999,999 codes, scored in minutes on a CPU. The
         exposure can't exceed ``log2(R)``.
     canary_client : int, default 0
         Partition index of the advertiser whose records contain the canary.
@@ -151,7 +151,7 @@ def extrapolated_exposure(
     """Exposure over the whole code space, from a skew-normal fit to the candidates' scores.
 
     Carlini et al. (2019, section 4.3) model the log-perplexities of all codes as a
-    skew-normal distribution fitted to a sample of them; the secret's exposure is then
+    skew-normal distribution fitted to a sample of them. The secret's exposure is then
     ``-log2 F(secret_score)`` for the fitted CDF ``F``. Unlike the rank, this can exceed
     ``log2(R)`` for R sampled candidates, but it is only as good as the fit's lower tail.
     It is capped at ``log2(space - 1)``, the exposure of a secret ranked first among all

@@ -38,9 +38,9 @@ def _cache_keyword(model: torch.nn.Module) -> str:
 def _target_ids(
     tokenizer: PreTrainedTokenizerBase, source: str, texts: Sequence[str], *, max_length: int
 ) -> tuple[list[int], list[list[int]]]:
-    """The prompt's token ids and each text's, laid out as ``common.text.encode_example``.
+    """Encode the prompt and each text as ``common.text.encode_example`` lays them out.
 
-    The end-of-text token is left out: the secret is the text, not where it stops.
+    The end-of-text token is left out, because the secret is the text, not where it stops.
     """
     prompt = prompt_ids(tokenizer, source)
     room = max_length - len(prompt) - 1  # one position for the end-of-text token

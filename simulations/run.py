@@ -60,7 +60,7 @@ def check_token_lengths(cfg: RunConfig, data: FederatedData) -> None:
 
 
 def check_warm_start_disjoint(cfg: RunConfig, data: FederatedData) -> None:
-    """Fail if the public warm-start file holds a record of an advertiser's partition.
+    """Fail if the public warm-start file contains a record of an advertiser's partition.
 
     The warm start trains without DP, so an advertiser record in its file would be trained
     on with no protection at all. Records are compared as loaded, by (source, text).

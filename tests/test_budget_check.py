@@ -17,7 +17,7 @@ SIGMA = 1.0
 CALIBRATED_RATE = 0.05  # the rate σ was calibrated for, when the client had 160 records
 
 
-def test_client_with_fewer_records_checks_its_budget_at_the_new_rate(tmp_path, data_dir, caplog):
+def test_budget_check_uses_current_rate(tmp_path, data_dir, caplog):
     # 16 records at batch size 8 make q = 0.5 and one step for half an epoch.
     run_dir = tmp_path / "run"
     cfg = prepare_run(
