@@ -179,7 +179,7 @@ def test_simulation_with_record_and_advertiser_dp(tmp_path, data_dir):
     assert "### Advertiser-level DP" in report
 
 
-def test_round_without_enough_updates_is_not_counted(tmp_path, caplog):
+def test_skipped_round_not_counted(tmp_path, caplog):
     # 3 of 5 clients sampled per round; in round 2 two of them stay silent, so one update
     # arrives, below min-train-nodes = 2: the adapter is kept and no noised output leaves.
     cfg = loop_config(tmp_path)
@@ -207,7 +207,7 @@ def test_round_without_enough_updates_is_not_counted(tmp_path, caplog):
     assert rows[2]["advertiser_epsilon"] > rows[1]["advertiser_epsilon"]
 
 
-def test_sampling_above_the_planned_rate_warns(tmp_path, caplog):
+def test_sampling_above_plan_warns(tmp_path, caplog):
     # Planned for 5 advertisers, but only 3 nodes are connected: 3 of 3 sampled is rate 1.
     cfg = loop_config(tmp_path).replace(server={"num_rounds": 1, "min_available_nodes": 2})
     with caplog.at_level("WARNING"):

@@ -44,7 +44,7 @@ def test_audit_settings_validate():
         AuditSettings(canary=CanaryFormat(digits=10))
 
 
-def test_audit_ranks_against_the_whole_code_space_by_default():
+def test_audit_default_ranks_whole_space():
     assert AuditSettings().candidate_count == 999_999
     assert AuditSettings(candidates=5_000).candidate_count == 5_000
     assert AuditSettings(canary=CanaryFormat(digits=3), candidates=5_000).candidate_count == 999
@@ -84,7 +84,7 @@ def test_extrapolated_exposure_reads_the_fitted_tail():
         secret = float(stats.skewnorm.ppf(tail, shape, loc=loc, scale=scale))
         estimate = extrapolated_exposure(secret, scores, space=1_000_000)
         assert estimate == pytest.approx(-math.log2(tail), abs=tolerance)
-    # Beyond every sampled candidate the rank stops at log2(R); the fit goes on, up to the
+    # Beyond every sampled candidate the rank stops at log2(R). The fit goes on, up to the
     # exposure of the most likely of all 999,999 other codes.
     far = float(stats.skewnorm.ppf(1e-5, shape, loc=loc, scale=scale))
     assert exposure(far, scores)[1] == pytest.approx(math.log2(20_000))

@@ -112,7 +112,7 @@ def test_ledger_keeps_its_accountant(tmp_path, caplog):
     assert json.loads(path.read_text())["accountant"] == "rdp"
 
 
-def test_failed_write_leaves_the_previous_ledger_whole(tmp_path, monkeypatch):
+def test_ledger_survives_failed_write(tmp_path, monkeypatch):
     path = tmp_path / "c1.json"
     ledger = _open(path)
     ledger.record_round(1, PrivacyEvent(1.0, 0.1, 5))
@@ -134,7 +134,7 @@ def test_failed_write_leaves_the_previous_ledger_whole(tmp_path, monkeypatch):
     assert reopened.steps == 5
 
 
-def test_ledger_of_another_version_is_refused(tmp_path):
+def test_ledger_other_version_rejected(tmp_path):
     path = tmp_path / "c1.json"
     _open(path).record_round(1, PrivacyEvent(1.0, 0.1, 5))
     data = json.loads(path.read_text())

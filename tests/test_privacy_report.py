@@ -168,7 +168,7 @@ def test_unknown_accountant_index_reads_as_run_accountant(tmp_path, index):
     assert recorder.privacy_summary()["clients"]["adv-a"]["accountant"] == "prv"
 
 
-def test_secure_mode_is_reported_for_advertiser_level_noise_alone(tmp_path):
+def test_secure_mode_advertiser_noise_only(tmp_path):
     # Record-level DP off, advertiser-level DP on: the server's noise follows production.
     for production in (True, False):
         cfg = RunConfig().replace(

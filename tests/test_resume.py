@@ -170,7 +170,7 @@ def test_dp_clients_resend_counted_round_after_restart(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-def test_secure_aggregation_rerun_is_declined_not_replayed(tmp_path, data_dir, caplog):
+def test_secagg_rerun_declined(tmp_path, data_dir, caplog):
     """A stored update is never masked in a second session: the rerun round is declined."""
     run_dir = tmp_path / "run"
     cfg = prepare_run(
@@ -221,7 +221,7 @@ def test_secure_aggregation_rerun_is_declined_not_replayed(tmp_path, data_dir, c
         assert len(ledger["events"]) == 2
 
 
-def test_secure_round_failing_before_training_costs_no_budget(tmp_path, data_dir, caplog):
+def test_secagg_key_exchange_failure_costs_nothing(tmp_path, data_dir, caplog):
     """Clients train in the masked-input stage, so a round lost at key exchange spends nothing."""
     run_dir = tmp_path / "run"
     cfg = prepare_run(

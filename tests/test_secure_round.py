@@ -99,7 +99,7 @@ def scaled_by_100(update: dict, received: dict) -> dict:
     return {name: received[name] + 100 * (update[name] - received[name]) for name in update}
 
 
-def test_client_clips_its_own_update_under_secure_aggregation(tmp_path):
+def test_secagg_client_clips_update(tmp_path):
     # The server cannot bound a masked update, so each client scales its own delta to
     # server.norm-bound before masking: the secure mean equals the plain run in which the
     # server bounded every update, and not the unbounded mean.

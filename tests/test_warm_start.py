@@ -160,7 +160,7 @@ def test_privacy_report_states_the_warm_start(tmp_path, data_dir):
     assert "public warm start (no DP): off" in "\n".join(_privacy_settings(off))
 
 
-def test_warm_start_file_must_not_hold_advertiser_records(data_dir):
+def test_warm_start_rejects_advertiser_records(data_dir):
     configs = Path(__file__).resolve().parents[1] / "simulations" / "configs"
     main = RunConfig.from_toml(configs / "main.toml")
     cfg = main.replace(data={"data_dir": str(data_dir)})
