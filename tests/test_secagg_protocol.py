@@ -399,3 +399,107 @@ def test_sparse_graph_aborts_when_neighbourhood_drops():
         run_session(session, drop_before_input=neighbours[:3])
     assert info.value.stage == STAGE_MASKED_INPUT
     assert info.value.num_survivors < 3
+
+
+# --- a server that deviates from the protocol ---------------------------------------------
+
+
+def start_session() -> tuple[Session, dict, dict]:
+    """Run setup and key advertisement; return the session, setups and forwarded keys."""
+    session = make_session()
+    setup = session.server.setup()
+    keys = session.server.receive_keys([session.clients[u].setup(setup[u]) for u in setup])
+    return session, setup, keys
+
+
+def test_client_rejects_setup_not_addressed_to_it():
+    _, setup, _ = start_session()
+    with pytest.raises(ValueError, match="not among the session participants"):
+        SecAggClient(99).setup(setup[0])
+    strangers = dataclasses.replace(setup[0], neighbours=(*setup[0].neighbours, 42))
+    with pytest.raises(ValueError, match="neighbours must be other participants"):
+        SecAggClient(0).setup(strangers)
+
+
+def test_client_rejects_reused_or_foreign_public_keys():
+    session, _, keys = start_session()
+    client = session.clients[0]
+    c_keys, s_keys = dict(keys[0].c_public_keys), dict(keys[0].s_public_keys)
+
+    # Client 2's key forwarded as client 1's as well: a key reused across clients.
+    reused = dataclasses.replace(keys[0], c_public_keys={**c_keys, 1: c_keys[2]})
+    with pytest.raises(ValueError, match="reused a key"):
+        client.share_keys(reused)
+
+    # A key from outside the neighbours announced at setup.
+    foreign = dataclasses.replace(
+        keys[0], c_public_keys={**c_keys, 42: c_keys[1]}, s_public_keys={**s_keys, 42: s_keys[1]}
+    )
+    with pytest.raises(ValueError, match="only from the neighbours announced at setup"):
+        client.share_keys(foreign)
+
+
+def test_client_rejects_inconsistent_survivors():
+    session = make_session()
+    server, clients = session.server, session.clients
+    setup = server.setup()
+    keys = server.receive_keys([clients[u].setup(setup[u]) for u in setup])
+    shares = [clients[u].share_keys(keys[u]) for u in keys if u != 9]  # 9 drops here
+    forwarded = server.receive_shares(shares)
+    clients[0].masked_input(forwarded[0], session.updates[0])
+
+    outsiders = UnmaskRequest(session_id=server.session_id, survivors=(*range(9), 42))
+    with pytest.raises(ValueError, match=r"survivors \[42\] are not participants"):
+        clients[0].unmask(outsiders)
+    # Client 9 never sent shares, so it cannot have sent a masked input either.
+    phantom = UnmaskRequest(session_id=server.session_id, survivors=tuple(range(10)))
+    with pytest.raises(ValueError, match=r"survivors \[9\] never sent it shares"):
+        clients[0].unmask(phantom)
+
+
+def test_no_message_carries_a_client_secret():
+    # Each client's private keys and self-mask seed leave it only as Shamir shares inside
+    # ciphertexts: no message of any stage contains their bytes.
+    session = make_session()
+    secrets_by_client = {}
+    server, clients = session.server, session.clients
+    setup = server.setup()
+    keys = server.receive_keys([clients[u].setup(setup[u]) for u in setup])
+    for u, client in clients.items():
+        state = client.state_dict()
+        secrets_by_client[u] = [
+            bytes(state[name]) for name in ("c-private-key", "s-private-key", "self-mask-seed")
+        ]
+    forwarded = server.receive_shares([clients[u].share_keys(keys[u]) for u in keys])
+    masked = [clients[u].masked_input(forwarded[u], session.updates[u]) for u in forwarded]
+    requests = server.receive_masked_inputs(masked)
+    responses = [clients[u].unmask(requests[u]) for u in requests]
+    server.unmask(responses)
+
+    blobs: list[bytes] = []
+
+    def collect(value) -> None:
+        if dataclasses.is_dataclass(value):
+            for item in dataclasses.fields(value):
+                collect(getattr(value, item.name))
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                collect(item)
+        elif isinstance(value, bytes):
+            blobs.append(value)
+        elif isinstance(value, np.ndarray):
+            blobs.append(value.tobytes())
+
+    collect([setup, keys, forwarded, masked, requests, responses])
+    for u, secrets in secrets_by_client.items():
+        for secret in secrets:
+            assert len(secret) >= 32
+            assert not any(secret in blob for blob in blobs), u
+    # After its masked input, a client keeps neither private key nor the seed.
+    assert all(
+        name not in clients[0].state_dict()
+        for name in ("c-private-key", "s-private-key", "self-mask-seed")
+    )
