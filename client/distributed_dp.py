@@ -14,8 +14,10 @@ receives one update in the clear, so each client does what the central mode's se
 4. with adaptive clipping, append the centred bit ``1[||Δ|| <= C] - 1/2`` as one more
    coordinate (:data:`common.secagg.update.COUNT_KEY`) with a share of ``σ_b / sqrt(m_min)``.
 
-The client derives ``z_Δ``, ``σ_b`` and ``m_min`` from its own run config and session, so
-the server chooses only ``C``, and every share grows with ``C``. The noise comes from the
+The client derives ``z_Δ`` and ``σ_b`` from its own run config, so the server chooses only
+``C`` and the session's threshold. Every share grows with ``C``. A higher threshold makes
+each share smaller, but the client then unmasks only with at least that many survivors,
+so the noise on the sum never falls below ``z_Δ C``. The noise comes from the
 operating system's CSPRNG when ``privacy.secure-mode`` is on, else from a generator seeded
 with the run seed, round and client id (reproducible, and removable by anyone with the
 config). Colluding clients who subtract their own shares lower the noise the others get:

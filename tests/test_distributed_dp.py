@@ -277,6 +277,42 @@ def test_client_rejects_session_without_room_for_noise():
         round_noise_shares(cfg, {"server-round": 1}, setup)
 
 
+def test_server_values_cannot_lower_the_noise_ratio():
+    # The server sends C and, with the session, the threshold. Each share grows in
+    # proportion to C, and a higher threshold shrinks each share only as much as the
+    # survivors the client then requires (at least the threshold) add back: the noise on
+    # the sum of any allowed set of survivors stays at or above z_Δ C.
+    cfg = ddp_config(Path("unused"), **{"min-train-nodes": 2})
+    one_share = AdvertiserDP.from_run_config(cfg).noise_shares(min_survivors=1)
+    z_update = one_share.update_stddev / CLIP  # z_Δ, the update noise multiplier
+    base = SetupMessage(
+        session_id=b"\0" * 16,
+        participants=(0, 1, 2, 3, 4, 5, 6),
+        neighbours=(1, 2, 3, 4, 5, 6),
+        threshold=4,
+        clipping_range=1e6,
+        modulus_bits=64,
+        quantization_bits=40,
+        layout=(),
+    )
+    shares = {}
+    for clip in (0.5, 2.0):
+        for threshold in (4, 6):
+            setup = SetupMessage(**{**base.__dict__, "threshold": threshold})
+            config = {"server-round": 1, CLIPPING_NORM_CONFIG_KEY: clip}
+            shares[clip, threshold] = round_noise_shares(cfg, config, setup)
+
+    for threshold in (4, 6):
+        ratio = shares[2.0, threshold].update_stddev / shares[0.5, threshold].update_stddev
+        assert ratio == pytest.approx(4.0)
+    for (clip, threshold), share in shares.items():
+        assert share.min_survivors == threshold  # above min-train-nodes = 2
+        planned = z_update * clip
+        assert math.sqrt(threshold) * share.update_stddev == pytest.approx(planned)
+        for survivors in range(threshold, 8):
+            assert math.sqrt(survivors) * share.update_stddev >= planned * (1 - 1e-12)
+
+
 # ---------------------------------------------------------------------------
 # Adaptive clipping with a securely aggregated count
 # ---------------------------------------------------------------------------
