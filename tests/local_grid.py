@@ -290,3 +290,29 @@ def nan_update(update: dict[str, np.ndarray], received: dict[str, np.ndarray]) -
 def crash(update: dict[str, np.ndarray], received: dict[str, np.ndarray]) -> dict:
     """Failing behaviour: the client raises instead of replying."""
     raise RuntimeError("client crashed while training")
+
+
+def dp_run_config(
+    run_dir, data_dir, *, num_clients: int, num_rounds: int, server: Mapping | None = None
+) -> RunConfig:
+    """Config of a small real DP run: 16 records per client, one DP-SGD step per round.
+
+    ``server`` entries (kebab-case keys) are added to the ``[server]`` section.
+    """
+    from simulations.run import prepare_run
+
+    cfg = RunConfig.from_dict(
+        {
+            "seed": 0,
+            "output": str(run_dir),
+            "data": {
+                "data-dir": str(data_dir),
+                "num-clients": num_clients,
+                "max-examples-per-client": 16,
+            },
+            "train": {"batch-size": 8, "local-epochs": 0.5},
+            "privacy": {"accountant": "rdp"},
+            "server": {"num-rounds": num_rounds, "eval-every": 0, **(server or {})},
+        }
+    )
+    return prepare_run(cfg)

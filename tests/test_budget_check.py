@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import logging
 
-from local_grid import LocalGrid
+from local_grid import LocalGrid, dp_run_config
 
 from client.app import build_client_app
 from client.ledger import PrivacyEvent, PrivacyLedger
-from common.config import RunConfig
 from server.loop import run_rounds
-from simulations.run import prepare_run
 
 SIGMA = 1.0
 CALIBRATED_RATE = 0.05  # the rate σ was calibrated for, when the client had 160 records
@@ -20,22 +18,7 @@ CALIBRATED_RATE = 0.05  # the rate σ was calibrated for, when the client had 16
 def test_budget_check_uses_current_rate(tmp_path, data_dir, caplog):
     # 16 records at batch size 8 make q = 0.5 and one step for half an epoch.
     run_dir = tmp_path / "run"
-    cfg = prepare_run(
-        RunConfig.from_dict(
-            {
-                "seed": 0,
-                "output": str(run_dir),
-                "data": {
-                    "data-dir": str(data_dir),
-                    "num-clients": 2,
-                    "max-examples-per-client": 16,
-                },
-                "train": {"batch-size": 8, "local-epochs": 0.5},
-                "privacy": {"accountant": "rdp"},
-                "server": {"num-rounds": 1, "eval-every": 0},
-            }
-        )
-    )
+    cfg = dp_run_config(run_dir, data_dir, num_clients=2, num_rounds=1)
     # A ledger from an earlier run, calibrated at a tenth of today's rate and spent to the
     # point where one more step fits at that rate but not at today's.
     ledger = PrivacyLedger.open(

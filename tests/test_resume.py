@@ -8,14 +8,13 @@ import shutil
 
 import numpy as np
 import pytest
-from local_grid import LocalGrid, ServerStopped, synthetic_client_app
+from local_grid import LocalGrid, ServerStopped, dp_run_config, synthetic_client_app
 
 from client.app import build_client_app
 from common.config import RunConfig
 from common.secagg import records
 from server.checkpoint import load_checkpoint
 from server.loop import run_rounds
-from simulations.run import prepare_run
 
 
 def loop_config(run_dir, **server) -> RunConfig:
@@ -119,25 +118,9 @@ def test_resume_with_other_config_is_refused(tmp_path):
 def test_dp_clients_resend_counted_round_after_restart(tmp_path, data_dir):
     """Real DP clients: the rerun round costs no second ledger event and changes nothing."""
 
-    def dp_config(run_dir) -> RunConfig:
-        cfg = RunConfig.from_dict(
-            {
-                "seed": 0,
-                "output": str(run_dir),
-                "data": {
-                    "data-dir": str(data_dir),
-                    "num-clients": 2,
-                    "max-examples-per-client": 16,
-                },
-                "train": {"batch-size": 8, "local-epochs": 0.5},
-                "privacy": {"accountant": "rdp"},
-                "server": {"num-rounds": 2, "eval-every": 0},
-            }
-        )
-        return prepare_run(cfg)
-
     straight_dir, stopped_dir = tmp_path / "straight", tmp_path / "stopped"
-    straight_cfg, stopped_cfg = dp_config(straight_dir), dp_config(stopped_dir)
+    straight_cfg = dp_run_config(straight_dir, data_dir, num_clients=2, num_rounds=2)
+    stopped_cfg = dp_run_config(stopped_dir, data_dir, num_clients=2, num_rounds=2)
     expected = run_rounds(LocalGrid(build_client_app(straight_cfg), 2), straight_cfg, straight_dir)
 
     with pytest.raises(ServerStopped):
@@ -173,26 +156,12 @@ def test_dp_clients_resend_counted_round_after_restart(tmp_path, data_dir):
 def test_secagg_rerun_declined(tmp_path, data_dir, caplog):
     """A stored update is never masked in a second session: the rerun round is declined."""
     run_dir = tmp_path / "run"
-    cfg = prepare_run(
-        RunConfig.from_dict(
-            {
-                "seed": 0,
-                "output": str(run_dir),
-                "data": {
-                    "data-dir": str(data_dir),
-                    "num-clients": 3,
-                    "max-examples-per-client": 16,
-                },
-                "train": {"batch-size": 8, "local-epochs": 0.5},
-                "privacy": {"accountant": "rdp"},
-                "server": {
-                    "num-rounds": 2,
-                    "eval-every": 0,
-                    "secure-aggregation": True,
-                    "norm-bound": 20.0,
-                },
-            }
-        )
+    cfg = dp_run_config(
+        run_dir,
+        data_dir,
+        num_clients=3,
+        num_rounds=2,
+        server={"secure-aggregation": True, "norm-bound": 20.0},
     )
     # Stop once round 2's masked inputs are in: each client trained, counted and stored it.
     with pytest.raises(ServerStopped):
@@ -224,26 +193,12 @@ def test_secagg_rerun_declined(tmp_path, data_dir, caplog):
 def test_secagg_key_exchange_failure_costs_nothing(tmp_path, data_dir, caplog):
     """Clients train in the masked-input stage, so a round lost at key exchange spends nothing."""
     run_dir = tmp_path / "run"
-    cfg = prepare_run(
-        RunConfig.from_dict(
-            {
-                "seed": 0,
-                "output": str(run_dir),
-                "data": {
-                    "data-dir": str(data_dir),
-                    "num-clients": 3,
-                    "max-examples-per-client": 16,
-                },
-                "train": {"batch-size": 8, "local-epochs": 0.5},
-                "privacy": {"accountant": "rdp"},
-                "server": {
-                    "num-rounds": 1,
-                    "eval-every": 0,
-                    "secure-aggregation": True,
-                    "norm-bound": 20.0,
-                },
-            }
-        )
+    cfg = dp_run_config(
+        run_dir,
+        data_dir,
+        num_clients=3,
+        num_rounds=1,
+        server={"secure-aggregation": True, "norm-bound": 20.0},
     )
     # Two of 3 clients vanish before sharing their keys: below the threshold of 2 holders.
     grid = LocalGrid(
