@@ -210,6 +210,8 @@ class RunRecorder:
             entry.noise_multiplier = float(metrics["noise-multiplier"])
             entry.sample_rate = float(metrics["sample-rate"])
             entry.steps = int(metrics["total-steps"])
+        elif "steps" in metrics and not int(metrics.get("declined", 0)):
+            entry.steps += int(metrics["steps"])  # no ledger without DP: count the rounds' steps
         # Metric records carry numbers only, so the client sends its ledger's accountant as
         # an index into ACCOUNTANTS.
         if "accountant-id" in metrics:
@@ -285,13 +287,15 @@ class RunRecorder:
                 "replaced_total": sum(pii_totals) if pii_totals else None,
             },
             "not_protected": not_protected(self.cfg),
+            # Without record-level DP a client spends no ε and has no guarantee, so its DP
+            # fields are null rather than a 0 that would read as perfect privacy.
             "clients": {
                 client_id: {
-                    "epsilon": entry.epsilon,
-                    "delta": entry.delta,
-                    "accountant": entry.accountant or accountant,
-                    "noise_multiplier": entry.noise_multiplier,
-                    "sample_rate": entry.sample_rate,
+                    "epsilon": entry.epsilon if privacy.dp else None,
+                    "delta": entry.delta if privacy.dp else None,
+                    "accountant": (entry.accountant or accountant) if privacy.dp else None,
+                    "noise_multiplier": entry.noise_multiplier if privacy.dp else None,
+                    "sample_rate": entry.sample_rate if privacy.dp else None,
                     "steps": entry.steps,
                     "rounds_joined": entry.rounds_joined,
                     "declined_rounds": entry.declined_rounds,

@@ -180,3 +180,16 @@ def test_secure_mode_advertiser_noise_only(tmp_path):
         assert privacy["secure_mode"] is production
         not_protected = " ".join(privacy["not_protected"])
         assert ("Secure mode was off" in not_protected) is not production
+
+
+def test_non_dp_clients_have_no_epsilon_but_count_steps(tmp_path):
+    recorder = RunRecorder(tmp_path, RunConfig().replace(privacy={"dp": False}))
+    for server_round in (1, 2):
+        recorder.update_client("adv-a", server_round, {"num-examples": 40, "steps": 5})
+    recorder.write_privacy()
+    client = json.loads((tmp_path / "privacy.json").read_text())["clients"]["adv-a"]
+    # Without DP there is no guarantee: null, not an ε of 0 that reads as perfect privacy.
+    for key in ("epsilon", "delta", "accountant", "noise_multiplier", "sample_rate"):
+        assert client[key] is None, key
+    assert client["steps"] == 10
+    assert client["rounds_joined"] == [1, 2]
