@@ -211,8 +211,11 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
         help="measure how much a run memorises a planted secret, with and without DP",
         description="Plant a random secret (a canary) several times in one advertiser's "
         "records, train the configured DP run and a non-DP control, and rank the secret "
-        "among random candidates under each global adapter (exposure, Carlini et al. 2019). "
-        "Writes audit.json, audit.md and both run folders.",
+        "among the other codes of its format under each global adapter (exposure, Carlini "
+        "et al. 2019). Writes audit.json, audit.md and both run folders. Without --config "
+        "it audits the main job's config, where each advertiser trains only in the rounds "
+        "it is sampled for; simulations/configs/audit.toml has every advertiser train in "
+        "every round.",
     )
     _add_config_flags(p)
     p.add_argument("--output", help="audit folder to create (default: audits/<timestamp>)")
@@ -223,6 +226,11 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local-epochs", type=float, help="local passes over each client's data")
     p.add_argument("--learning-rate", type=float, help="client AdamW learning rate")
     p.add_argument("--seed", type=int, help="seed for the data split, the secret and training")
+    p.add_argument(
+        "--no-warm-start",
+        action="store_true",
+        help="start both runs from the base model's fresh adapter, without the public warm start",
+    )
     _add_privacy_flags(p)
     p.add_argument(
         "--canary-format",
@@ -230,7 +238,13 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
         help="text of the secret, with {code} where the random digits go "
         "(default: 'my voucher code is {code}')",
     )
-    p.add_argument("--code-digits", type=int, default=6, help="random digits (default: 6)")
+    p.add_argument(
+        "--code-digits",
+        type=int,
+        default=6,
+        help="random digits, 1 to 12 (default: 6); above 7 digits pass --candidates, "
+        "because every code of the format would take hours to score",
+    )
     p.add_argument(
         "--repeats", type=int, default=20, help="copies of the secret planted (default: 20)"
     )

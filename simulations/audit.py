@@ -110,10 +110,11 @@ class AuditSettings:
                 "every other code of the format"
             )
         if self.candidate_count > MAX_CANDIDATES:
+            which = "0 (every other code)" if self.candidates == 0 else str(self.candidates)
             raise ConfigError(
-                f"invalid candidates {self.candidates} for {self.canary.digits} code digits: "
-                f"{self.candidate_count:,} codes would take hours to score; pass at most "
-                f"--candidates {MAX_CANDIDATES} or fewer --code-digits"
+                f"invalid candidates {which} for {self.canary.digits} code digits: "
+                f"{self.candidate_count:,} codes would take hours to score. Pass "
+                f"--candidates N with N at most {MAX_CANDIDATES:,}, or fewer --code-digits"
             )
         if self.canary_client < 0:
             raise ConfigError(f"invalid canary client {self.canary_client}: expected >= 0")
@@ -175,7 +176,8 @@ def _client_privacy(run_dir: Path, client_id: str) -> dict[str, Any]:
         "epsilon": entry.get("epsilon") if privacy.get("dp_enabled") else None,
         "delta": privacy.get("delta") if privacy.get("dp_enabled") else None,
         "accountant": entry.get("accountant") if privacy.get("dp_enabled") else None,
-        "noise_multiplier": entry.get("noise_multiplier"),
+        "noise_multiplier": entry.get("noise_multiplier") or 0.0,
+        "steps": entry.get("steps"),
         "clipping_norm": privacy.get("clipping_norm"),
         "secure_mode": privacy.get("secure_mode"),
     }
@@ -261,6 +263,17 @@ def run_audit(cfg: RunConfig, out_dir: str | Path, settings: AuditSettings) -> d
     out_dir = Path(out_dir).resolve()
     if (out_dir / AUDIT_JSON).exists():
         raise FileExistsError(f"{out_dir} already contains an audit: pass a new --output folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        # Also the remains of a stopped audit: its run folders would clash with new ones.
+        raise FileExistsError(
+            f"{out_dir} is not empty (a stopped audit leaves dp/ and control/ there): pass "
+            "a new --output folder"
+        )
+    if settings.canary_client >= cfg.data.num_clients:
+        raise ConfigError(
+            f"invalid --canary-client {settings.canary_client}: the run has "
+            f"{cfg.data.num_clients} clients, so pick 0 to {cfg.data.num_clients - 1}"
+        )
     if not cfg.privacy.dp:
         raise ConfigError(
             "invalid privacy.dp = false: the audit compares the config's DP run with a "
@@ -360,12 +373,13 @@ def render_audit(audit: dict[str, Any]) -> str:
         f"log2(R) = {audit['max_exposure']:.2f} bits. The extrapolated exposure fits a "
         "skew-normal to the candidates' log-perplexities and reads the secret's tail "
         "probability from it (Carlini et al., section 4.3); it can exceed log2(R), up to "
-        f"log2 of the {audit['code_space'] - 1} other codes."
+        f"log2 of the {audit['code_space'] - 1:,} other codes "
+        f"({math.log2(audit['code_space'] - 1):.2f} bits)."
     )
     header = (
         "| run | DP | ε | δ | accountant | noise multiplier | rank | exposure (bits) "
-        "| extrapolated exposure (bits) | secret log-perplexity "
-        "| median candidate log-perplexity |"
+        "| extrapolated exposure (bits) | secret log-perplexity (bits) "
+        "| median candidate log-perplexity (bits) |"
     )
     lines = ["# Memorisation audit", "", method, "", definition, "", header, "|---" * 11 + "|"]
     for name in ("dp", "control"):
@@ -386,7 +400,8 @@ def render_audit(audit: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     same_config = (
         f"Both runs used the same config ({audit['num_clients']} clients, "
-        f"{audit['num_rounds']} rounds, target ε {audit['target_epsilon']:g}) and the same "
+        f"{audit['num_rounds']} round{'s' if audit['num_rounds'] != 1 else ''}, target ε "
+        f"{audit['target_epsilon']:g}) and the same "
         "number of steps, and differ only in DP. ε is the canary client's."
     )
     lines += ["", same_config, ""]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from common.cli import _simulate_defaults, build_parser, config_from_args
 from common.config import ConfigError, RunConfig
 from simulations.audit import (
     AuditSettings,
@@ -40,7 +42,10 @@ def test_audit_settings_validate():
         AuditSettings(repeats=0)
     with pytest.raises(ConfigError, match="candidates -1"):
         AuditSettings(candidates=-1)
-    with pytest.raises(ConfigError, match="9,999,999,999 codes would take hours"):
+    with pytest.raises(
+        ConfigError,
+        match=r"candidates 0 \(every other code\) for 10 code digits: 9,999,999,999 codes",
+    ):
         AuditSettings(canary=CanaryFormat(digits=10))
 
 
@@ -126,6 +131,19 @@ def test_audit_rejects_scrubbed_format_and_no_dp(tmp_path):
         run_audit(RunConfig().replace(privacy={"dp": False}), tmp_path / "b", AuditSettings())
 
 
+def test_audit_rejects_used_folder_and_missing_client(tmp_path):
+    stopped = tmp_path / "stopped"
+    (stopped / "dp").mkdir(parents=True)  # what an audit stopped mid-training leaves
+    with pytest.raises(FileExistsError, match="is not empty .* pass a new --output folder"):
+        run_audit(RunConfig(), stopped, AuditSettings())
+    assert sorted(p.name for p in stopped.iterdir()) == ["dp"]
+
+    two_clients = RunConfig().replace(data={"num_clients": 2})
+    with pytest.raises(ConfigError, match="invalid --canary-client 7: .* pick 0 to 1"):
+        run_audit(two_clients, tmp_path / "new", AuditSettings(canary_client=7))
+    assert not (tmp_path / "new").exists()
+
+
 def test_render_audit_lists_both_runs():
     run = {
         "dp_enabled": True,
@@ -161,6 +179,8 @@ def test_render_audit_lists_both_runs():
     assert "| control | off | n/a | n/a | n/a | 0 | 1 | 9.97 | 19.93 | 3.60 | 42.60 |" in text
     assert "planted 16 times in the records of client-000" in text
     assert "log2(R) = 9.97 bits" in text
+    assert "(2 clients, 1 round, target ε 8)" in text
+    assert "log2 of the 999,999 other codes (19.93 bits)" in text
     assert "estimated from R sampled candidates" in text
     assert "ranked among 1,000 random codes of the same format, none of which" in text
     whole = render_audit(audit | {"candidates": 999_999, "max_exposure": 19.93})
@@ -195,6 +215,7 @@ def test_dp_run_exposes_secret_less_than_control(tmp_path, data_dir):
     assert control["dp_enabled"] is False
     assert 7.5 < dp["epsilon"] <= 8.0
     assert control["epsilon"] is None
+    assert dp["steps"] == control["steps"] > 0  # the canary client's optimizer steps
 
     written = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert written["runs"]["dp"]["rank"] == dp["rank"]
@@ -243,3 +264,12 @@ def test_audit_config_is_main_at_audit_scale():
     assert audit_cfg.server.fraction_train == 1.0
     assert audit_cfg.privacy.planned_rounds == audit_cfg.server.num_rounds
     assert audit_cfg.privacy.dp
+
+
+def test_audit_flags_reach_the_run_config():
+    args = build_parser().parse_args(["audit", "--no-warm-start", "--num-clients", "3"])
+    run_args = argparse.Namespace(**{**_simulate_defaults(), **vars(args), "output": None})
+    cfg = config_from_args(run_args)
+    assert cfg.warm_start.file == ""
+    assert cfg.data.num_clients == 3
+    assert args.candidates == 0
