@@ -15,6 +15,7 @@ which makes a whole space of 10^6 codes a matter of minutes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from client.pii import scrub_text
 from client.runtime import scrub_config
@@ -183,6 +185,24 @@ def _client_privacy(run_dir: Path, client_id: str) -> dict[str, Any]:
     }
 
 
+def _initial_model(run_dir: Path) -> tuple[torch.nn.Module, Any, RunConfig]:
+    """Base model with the adapter that round 1 of the run in ``run_dir`` started from."""
+    from peft import PeftModel
+
+    from common.model import build_lora_model, load_base_model, load_tokenizer
+
+    cfg = RunConfig.from_toml(run_dir / "config.toml")
+    warm_start_dir = run_dir / "warm_start"
+    if (warm_start_dir / "adapter_config.json").is_file():
+        model = PeftModel.from_pretrained(load_base_model(cfg.model.name), str(warm_start_dir))
+    else:
+        # As the server builds it before round 1 (server.loop.run_rounds).
+        model_cfg = dataclasses.replace(cfg.model, lora_r=cfg.model.max_rank)
+        model = build_lora_model(model_cfg, seed=cfg.seed)
+    model.eval()
+    return model, load_tokenizer(cfg.model.name), cfg
+
+
 def score_run(
     run_dir: Path,
     source: str,
@@ -191,14 +211,20 @@ def score_run(
     *,
     space: int,
     batch_size: int,
+    initial: bool = False,
 ) -> dict[str, Any]:
     """Rank ``secret`` among ``candidates`` under the global adapter of ``run_dir``.
 
     ``space`` is the number of codes of the format, which caps the extrapolated exposure.
+    With ``initial``, the adapter the run started from is scored instead: its
+    ``warm_start/`` adapter, or without a warm start the fresh adapter of its seed.
     """
-    from common.inference import load_run_model
+    if initial:
+        model, tokenizer, cfg = _initial_model(run_dir)
+    else:
+        from common.inference import load_run_model
 
-    model, tokenizer, cfg = load_run_model(run_dir)
+        model, tokenizer, cfg = load_run_model(run_dir)
     started = time.perf_counter()
     scores = log_perplexities(
         model,
@@ -213,7 +239,7 @@ def score_run(
     extrapolated = extrapolated_exposure(float(scores[0]), scores[1:], space=space)
     logger.info(
         "audit: %s: rank %s of %s, exposure %.2f bits (extrapolated %.2f)",
-        run_dir.name,
+        f"{run_dir.name} (initial adapter)" if initial else run_dir.name,
         rank,
         len(scores),
         bits,
@@ -325,6 +351,19 @@ def run_audit(cfg: RunConfig, out_dir: str | Path, settings: AuditSettings) -> d
             **_client_privacy(run_dir, client_id),
         }
 
+    # The adapter both runs started from never saw an advertiser record, so its exposure is
+    # what the format and the public data alone give: the floor the DP run is judged by.
+    logger.info("audit: scoring the initial adapter, which never saw the secret")
+    baseline = score_run(
+        out_dir / "dp",
+        canary.source,
+        secret,
+        candidates,
+        space=settings.canary.space,
+        batch_size=settings.batch_size,
+        initial=True,
+    )
+
     audit = {
         "method": "exposure of a planted canary (Carlini et al. 2019, The Secret Sharer)",
         "secret_format": settings.canary.template,
@@ -340,6 +379,7 @@ def run_audit(cfg: RunConfig, out_dir: str | Path, settings: AuditSettings) -> d
         "num_clients": cfg.data.num_clients,
         "target_epsilon": cfg.privacy.target_epsilon,
         "runs": results,
+        "baseline": baseline,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / AUDIT_JSON).write_text(json.dumps(audit, indent=2), encoding="utf-8")
@@ -396,6 +436,22 @@ def render_audit(audit: dict[str, Any]) -> str:
             _fmt(run.get("extrapolated_exposure"), ".2f"),
             f"{run['secret_log_perplexity']:.2f}",
             f"{run['candidate_log_perplexity_median']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    baseline = audit.get("baseline")
+    if baseline:
+        cells = [
+            "initial adapter, before any advertiser record",
+            "n/a",
+            "n/a",
+            "n/a",
+            "n/a",
+            "n/a",
+            str(baseline["rank"]),
+            f"{baseline['exposure']:.2f}",
+            _fmt(baseline.get("extrapolated_exposure"), ".2f"),
+            f"{baseline['secret_log_perplexity']:.2f}",
+            f"{baseline['candidate_log_perplexity_median']:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     same_config = (

@@ -102,4 +102,18 @@ def audit_entries(
             "config_diff": run_diff,
             "audit_dir": str(audit_dir),
         }
+    baseline = audit.get("baseline")
+    if baseline:
+        entries[f"canary exposure, initial adapter of the ε={row.epsilon:g} audit"] = {
+            "mode": "exposure",
+            "bits": baseline["exposure"],
+            "max_bits": audit["max_exposure"],
+            "rank": baseline["rank"],
+            "extrapolated_bits": baseline["extrapolated_exposure"],
+            "candidates": audit["candidates"],
+            "epsilon_spent": None,
+            "target_epsilon": row.epsilon,
+            "config_diff": {},
+            "audit_dir": str(audit_dir),
+        }
     return entries

@@ -183,6 +183,13 @@ def test_render_audit_lists_both_runs():
     assert "log2 of the 999,999 other codes (19.93 bits)" in text
     assert "estimated from R sampled candidates" in text
     assert "ranked among 1,000 random codes of the same format, none of which" in text
+    assert "initial adapter, before any advertiser record" not in text
+    baseline = run | {"rank": 1800, "exposure": 2.47, "extrapolated_exposure": 2.4}
+    with_baseline = render_audit(audit | {"baseline": baseline})
+    assert (
+        "| initial adapter, before any advertiser record | n/a | n/a | n/a | n/a | n/a | 1800 "
+        "| 2.47 | 2.40 | 38.70 | 42.60 |" in with_baseline
+    )
     whole = render_audit(audit | {"candidates": 999_999, "max_exposure": 19.93})
     assert "ranked among all 999,999 other codes of the format, none of which" in whole
     assert "ranked against every other code, so its rank is exact" in whole
@@ -216,6 +223,8 @@ def test_dp_run_exposes_secret_less_than_control(tmp_path, data_dir):
     assert 7.5 < dp["epsilon"] <= 8.0
     assert control["epsilon"] is None
     assert dp["steps"] == control["steps"] > 0  # the canary client's optimizer steps
+    # The adapter both runs started from never saw the secret: scored like them, the floor.
+    assert audit["baseline"]["exposure"] < control["exposure"] - 4.0
 
     written = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert written["runs"]["dp"]["rank"] == dp["rank"]
