@@ -112,9 +112,9 @@ class AuditSettings:
                 "every other code of the format"
             )
         if self.candidate_count > MAX_CANDIDATES:
-            which = "0 (every other code)" if self.candidates == 0 else str(self.candidates)
+            requested = "0 (every other code)" if self.candidates == 0 else str(self.candidates)
             raise ConfigError(
-                f"invalid candidates {which} for {self.canary.digits} code digits: "
+                f"invalid candidates {requested} for {self.canary.digits} code digits: "
                 f"{self.candidate_count:,} codes would take hours to score. Pass "
                 f"--candidates N with N at most {MAX_CANDIDATES:,}, or fewer --code-digits"
             )

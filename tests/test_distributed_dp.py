@@ -279,9 +279,8 @@ def test_client_rejects_session_without_room_for_noise():
 
 def test_server_values_cannot_lower_the_noise_ratio():
     # The server sends C and, with the session, the threshold. Each share grows in
-    # proportion to C, and a higher threshold shrinks each share only as much as the
-    # survivors the client then requires (at least the threshold) add back: the noise on
-    # the sum of any allowed set of survivors stays at or above z_Δ C.
+    # proportion to C. A higher threshold shrinks each share, but the client then requires
+    # at least that many survivors, so the noise on their sum stays at or above z_Δ C.
     cfg = ddp_config(Path("unused"), **{"min-train-nodes": 2})
     one_share = AdvertiserDP.from_run_config(cfg).noise_shares(min_survivors=1)
     z_update = one_share.update_stddev / CLIP  # z_Δ, the update noise multiplier
