@@ -392,6 +392,20 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _table_row(label: str, privacy_cells: list[str], scores: dict[str, Any]) -> str:
+    """One row of the audit table: the label, the DP settings, then the scoring results."""
+    cells = [
+        label,
+        *privacy_cells,
+        str(scores["rank"]),
+        f"{scores['exposure']:.2f}",
+        _fmt(scores.get("extrapolated_exposure"), ".2f"),
+        f"{scores['secret_log_perplexity']:.2f}",
+        f"{scores['candidate_log_perplexity_median']:.2f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def render_audit(audit: dict[str, Any]) -> str:
     """Markdown page of an audit result (the content of ``audit.json``)."""
     whole_space = audit["candidates"] >= audit["code_space"] - 1
@@ -424,36 +438,19 @@ def render_audit(audit: dict[str, Any]) -> str:
     lines = ["# Memorisation audit", "", method, "", definition, "", header, "|---" * 11 + "|"]
     for name in ("dp", "control"):
         run = audit["runs"][name]
-        cells = [
-            "DP" if name == "dp" else "control",
+        privacy_cells = [
             "on" if run["dp_enabled"] else "off",
             _fmt(run["epsilon"], ".2f"),
             _fmt(run["delta"], ".1e"),
             run["accountant"] or "n/a",
             _fmt(run["noise_multiplier"]),
-            str(run["rank"]),
-            f"{run['exposure']:.2f}",
-            _fmt(run.get("extrapolated_exposure"), ".2f"),
-            f"{run['secret_log_perplexity']:.2f}",
-            f"{run['candidate_log_perplexity_median']:.2f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        label = "DP" if name == "dp" else "control"
+        lines.append(_table_row(label, privacy_cells, run))
     baseline = audit.get("baseline")
     if baseline:
-        cells = [
-            "initial adapter, before any advertiser record",
-            "n/a",
-            "n/a",
-            "n/a",
-            "n/a",
-            "n/a",
-            str(baseline["rank"]),
-            f"{baseline['exposure']:.2f}",
-            _fmt(baseline.get("extrapolated_exposure"), ".2f"),
-            f"{baseline['secret_log_perplexity']:.2f}",
-            f"{baseline['candidate_log_perplexity_median']:.2f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        label = "initial adapter, before any advertiser record"
+        lines.append(_table_row(label, ["n/a"] * 5, baseline))
     same_config = (
         f"Both runs used the same config ({audit['num_clients']} clients, "
         f"{audit['num_rounds']} round{'s' if audit['num_rounds'] != 1 else ''}, target ε "
