@@ -6,8 +6,8 @@ The server drives four message exchanges per round (:mod:`server.secure_round`),
 1. ``secagg_setup``: store the session, reply with two fresh X25519 public keys;
 2. ``secagg_share_keys``: reply with encrypted Shamir shares of this client's secrets;
 3. ``secagg_masked_input``: train (or decline), then reply with the masked update and
-   the usual metrics. A rerun of a round this client already trained is declined rather
-   than answered with the stored update, so no update is masked in two sessions;
+   the usual metrics. A rerun of a round this client already trained is declined, and
+   the stored update is not sent again, so no update is masked in two sessions;
 4. ``secagg_unmask``: reply with the shares that remove the survivors' masks.
 
 Between stages the session state, private keys included, lives in the node's

@@ -393,7 +393,7 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
 
 
 def _table_row(label: str, privacy_cells: list[str], scores: dict[str, Any]) -> str:
-    """One row of the audit table: the label, the DP settings, then the scoring results."""
+    """Format one audit table row: the label, the DP settings, then the scoring results."""
     cells = [
         label,
         *privacy_cells,

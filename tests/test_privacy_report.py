@@ -79,7 +79,7 @@ def test_privacy_json_fields(tmp_path):
 
     not_protected = " ".join(privacy["not_protected"])
     assert "no secure aggregation" in not_protected
-    # What the server sees in every run, whatever the settings.
+    # What every run discloses to the server, whatever the settings.
     assert "The set of clients that take part in each round" in not_protected
     assert "aggregate adapter of every round is visible to all participants" in not_protected
     assert "(training loss, steps, training time, ε spent" in not_protected
@@ -182,7 +182,7 @@ def test_secure_mode_advertiser_noise_only(tmp_path):
         assert ("Secure mode was off" in not_protected) is not production
 
 
-def test_non_dp_clients_have_no_epsilon_but_count_steps(tmp_path):
+def test_non_dp_clients_report_no_epsilon(tmp_path):
     recorder = RunRecorder(tmp_path, RunConfig().replace(privacy={"dp": False}))
     for server_round in (1, 2):
         recorder.update_client("adv-a", server_round, {"num-examples": 40, "steps": 5})
